@@ -1,0 +1,176 @@
+"""Checkpoints: safetensors weights plus a JSON card. Loading never unpickles anything.
+
+A checkpoint named ``runs/x/best`` is two files: ``best.safetensors`` (tensors only) and
+``best.json`` (the card). The card records the architecture and the keyword arguments needed
+to rebuild it, its :class:`ModelCfg`, the training arguments, metrics (each naming the split
+it was measured on), a fingerprint of the data and the code version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from training import __version__
+from training.models import ModelCfg, create_model
+
+__all__ = [
+    "CheckpointError",
+    "card_path",
+    "code_version",
+    "load_card",
+    "load_checkpoint",
+    "save_checkpoint",
+    "weights_path",
+]
+
+log = logging.getLogger(__name__)
+CARD_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, corrupt, or disagrees with its card."""
+
+
+def weights_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p.with_name(p.name.removesuffix(".json") + ".safetensors")
+
+
+def card_path(path: str | Path) -> Path:
+    return weights_path(path).with_suffix(".json")
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    arch: str,
+    model_kwargs: dict[str, Any] | None = None,
+    train_args: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    data_fingerprint: str | None = None,
+    extra: dict[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write ``<path>.safetensors`` and ``<path>.json`` atomically; return the weights path.
+
+    Args:
+        arch: registry name the model was built with.
+        model_kwargs: extra keyword arguments ``create_model`` needs to rebuild it.
+        metrics: e.g. ``{"PublicTest": {"acc": 0.71, "acc_tta": 0.72}}``; key by split name.
+        half: store floating-point tensors as float16 (halves the file).
+    """
+    wpath, cpath = weights_path(path), card_path(path)
+    wpath.parent.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, v in model.state_dict().items():
+        t = v.detach().to("cpu")
+        if half and t.is_floating_point():
+            t = t.half()
+        state[k] = t.contiguous()
+    cfg: ModelCfg = model.cfg
+    card = {
+        "format": CARD_FORMAT,
+        "arch": arch,
+        "model_kwargs": model_kwargs or {},
+        "cfg": cfg.to_dict(),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "train_args": train_args or {},
+        "metrics": metrics or {},
+        "data_fingerprint": data_fingerprint,
+        "code_version": code_version(),
+        "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "weights_file": wpath.name,
+        "dtype": "float16" if half else "float32",
+        **(extra or {}),
+    }
+    tmp_w, tmp_c = wpath.with_suffix(".safetensors.tmp"), cpath.with_suffix(".json.tmp")
+    save_file(state, str(tmp_w), metadata={"arch": arch})
+    tmp_c.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    tmp_w.replace(wpath)
+    tmp_c.replace(cpath)
+    return wpath
+
+
+def load_card(path: str | Path) -> dict[str, Any]:
+    """Read and check a checkpoint's JSON card."""
+    cpath = card_path(path)
+    if not cpath.is_file():
+        raise CheckpointError(f"checkpoint card not found: {cpath}")
+    try:
+        card = json.loads(cpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint card {cpath} is not valid JSON: {e}") from e
+    for key in ("arch", "cfg"):
+        if key not in card:
+            raise CheckpointError(f"checkpoint card {cpath} has no {key!r} entry")
+    return card
+
+
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from its card and load the safetensors weights into it (eval mode).
+
+    Raises:
+        CheckpointError: naming the file, if either file is missing or corrupt, or if the
+            weights do not fit the architecture and ModelCfg that the card describes.
+    """
+    wpath = weights_path(path)
+    card = load_card(path)
+    if not wpath.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {wpath}")
+    try:
+        cfg = ModelCfg.from_dict(card["cfg"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint card {card_path(path)} has a bad cfg: {e}") from e
+    try:
+        model = create_model(
+            card["arch"], num_classes=cfg.num_classes, cfg=cfg, **card.get("model_kwargs", {})
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint card {card_path(path)}: cannot build model: {e}") from e
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint weights {wpath} are corrupt or unreadable: {e}") from e
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or bad_shape:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                ("wrong shape", bad_shape))
+            if keys
+        )
+        raise CheckpointError(
+            f"checkpoint weights {wpath} do not match arch {card['arch']!r} in its card ({detail})"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    model.to(device).eval()
+    log.debug("loaded %s (%s)", wpath, card["arch"])
+    return model, card

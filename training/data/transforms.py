@@ -1,0 +1,210 @@
+"""Tensor transforms shared by training, evaluation and the service.
+
+Everything works on whole batches of tensors on any device: no per-sample PIL in the hot loop.
+Images arrive as ``uint8`` tensors shaped ``(N, H, W)`` (grayscale) or ``(N, C, H, W)``; the
+:class:`~training.models.cfg.ModelCfg` of the model decides size, channels and normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from training.models.cfg import ModelCfg
+
+__all__ = [
+    "BatchAugment",
+    "center_crop",
+    "crop_boxes_10",
+    "eval_views",
+    "normalize",
+    "ten_crop",
+]
+
+
+def normalize(images: Tensor, cfg: ModelCfg) -> Tensor:
+    """uint8 ``(N,H,W)`` or ``(N,C,H,W)`` -> float ``(N,C,H,W)`` scaled and standardised per ``cfg``.
+
+    Grayscale input is repeated to ``cfg.in_chans`` channels; RGB input is converted to gray
+    (ITU-R 601 luma) when the model is grayscale. Images whose side differs from
+    ``cfg.image_size`` are resized (bilinear, antialiased) to it.
+    """
+    x = images
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise ValueError(f"expected (N,H,W) or (N,C,H,W) images, got shape {tuple(images.shape)}")
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    c = x.shape[1]
+    if c == 3 and cfg.in_chans == 1:
+        w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+        x = (x * w).sum(1, keepdim=True)
+    elif c == 1 and cfg.in_chans > 1:
+        x = x.expand(-1, cfg.in_chans, -1, -1)
+    elif c != cfg.in_chans:
+        raise ValueError(f"cannot map {c} channels to the model's {cfg.in_chans}")
+    if x.shape[-2:] != (cfg.image_size, cfg.image_size):
+        x = F.interpolate(
+            x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True,
+            align_corners=False,
+        )
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def crop_boxes_10(image_size: int, crop: int) -> list[tuple[int, int, bool]]:
+    """The 10-crop views as ``(top, left, mirrored)``: four corners and centre, then mirrors."""
+    if crop > image_size:
+        raise ValueError(f"crop {crop} larger than image {image_size}")
+    far = image_size - crop
+    mid = far // 2
+    five = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+    return [(t, left, False) for t, left in five] + [(t, left, True) for t, left in five]
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """Centre ``size``x``size`` crop of ``(N,C,H,W)`` (same rounding as the 10-crop centre)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def ten_crop(x: Tensor, size: int) -> Tensor:
+    """``(N,C,H,W)`` -> ``(10,N,C,size,size)``: corners, centre, and their horizontal mirrors."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError("ten_crop expects square images")
+    views = []
+    for top, left, mirrored in crop_boxes_10(x.shape[-1], size):
+        v = x[..., top : top + size, left : left + size]
+        views.append(v.flip(-1) if mirrored else v)
+    return torch.stack(views)
+
+
+def eval_views(images: Tensor, cfg: ModelCfg, *, tta: bool) -> Tensor:
+    """Evaluation input: ``(V,N,C,s,s)`` with V=10 under TTA, else V=1 (centre crop)."""
+    x = normalize(images, cfg)
+    if tta:
+        return ten_crop(x, cfg.input_size)
+    return center_crop(x, cfg.input_size).unsqueeze(0)
+
+
+@dataclass
+class BatchAugment:
+    """Random augmentation of a normalised batch ``(N,C,image_size,image_size)`` in one pass.
+
+    Random crop, scale, rotation and translation are folded into one affine ``grid_sample`` whose
+    output is ``cfg.input_size`` square; horizontal flip is a sign flip in the same matrix. Random
+    erasing and mixup/cutmix follow. Labels come back as soft targets ``(N, num_classes)``.
+
+    Args:
+        cfg: the model's preprocessing contract.
+        flip: probability of a horizontal flip.
+        max_rotate: largest rotation in degrees (uniform in +-max_rotate).
+        scale: range of zoom factors (1.0 = a plain random crop).
+        max_shift: extra translation as a fraction of the image, on top of the crop offset.
+        erase_p: probability of random erasing per image.
+        erase_area: area fraction range of the erased rectangle.
+        mixup_alpha: Beta(alpha, alpha) for mixup; 0 turns it off.
+        cutmix_alpha: Beta(alpha, alpha) for cutmix; 0 turns it off.
+        mix_p: probability that a batch is mixed at all, when either mix is on.
+    """
+
+    cfg: ModelCfg
+    flip: float = 0.5
+    max_rotate: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    max_shift: float = 0.0
+    erase_p: float = 0.5
+    erase_area: tuple[float, float] = (0.02, 0.2)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_p: float = 0.5
+
+    def __call__(
+        self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Augment ``x`` (normalised floats) and turn integer labels ``y`` into soft targets."""
+        g = generator
+        x = self.geometric(x, generator=g)
+        x = self.erase(x, generator=g)
+        targets = F.one_hot(y, self.cfg.num_classes).to(x.dtype)
+        return self.mix(x, targets, generator=g)
+
+    def geometric(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        n, dev = x.shape[0], x.device
+        size = x.shape[-1]
+        out = self.cfg.input_size
+
+        def rand(lo: float, hi: float) -> Tensor:
+            return torch.rand(n, generator=generator, device="cpu").mul_(hi - lo).add_(lo)
+
+        angle = rand(-self.max_rotate, self.max_rotate) * (math.pi / 180.0)
+        zoom = rand(*self.scale)
+        ratio = out / size  # the crop covers this fraction of the image
+        # Offsets for the crop window (normalised coordinates), plus optional extra shift.
+        room = 1.0 - ratio
+        tx = rand(-room, room) + rand(-self.max_shift, self.max_shift) * 2
+        ty = rand(-room, room) + rand(-self.max_shift, self.max_shift) * 2
+        mirror = torch.where(torch.rand(n, generator=generator) < self.flip, -1.0, 1.0)
+        s = ratio / zoom
+        cos, sin = torch.cos(angle) * s, torch.sin(angle) * s
+        theta = torch.stack(
+            [
+                torch.stack([cos * mirror, -sin, tx], dim=1),
+                torch.stack([sin * mirror, cos, ty], dim=1),
+            ],
+            dim=1,
+        ).to(device=dev, dtype=x.dtype)
+        grid = F.affine_grid(theta, [n, x.shape[1], out, out], align_corners=False)
+        # Border padding keeps zoomed-out edges from being hard black frames.
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def erase(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        if self.erase_p <= 0:
+            return x
+        n, _, h, w = x.shape
+        area = torch.empty(n).uniform_(*self.erase_area, generator=generator) * h * w
+        aspect = torch.exp(torch.empty(n).uniform_(math.log(0.3), math.log(3.3), generator=generator))
+        eh = torch.sqrt(area * aspect).clamp(1, h).long()
+        ew = torch.sqrt(area / aspect).clamp(1, w).long()
+        top = (torch.rand(n, generator=generator) * (h - eh + 1).float()).long()
+        left = (torch.rand(n, generator=generator) * (w - ew + 1).float()).long()
+        apply = torch.rand(n, generator=generator) < self.erase_p
+        rows = torch.arange(h).view(1, h, 1)
+        cols = torch.arange(w).view(1, 1, w)
+        mask = (
+            (rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+            & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
+            & apply.view(n, 1, 1)
+        ).unsqueeze(1).to(x.device)
+        noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+        return torch.where(mask, noise, x)
+
+    def mix(
+        self, x: Tensor, targets: Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        modes = [m for m, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
+        if not modes or torch.rand(1, generator=generator).item() >= self.mix_p:
+            return x, targets
+        mode = modes[int(torch.randint(len(modes), (1,), generator=generator))]
+        alpha = self.mixup_alpha if mode == "mixup" else self.cutmix_alpha
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        if mode == "mixup":
+            x = x * lam + x[perm] * (1 - lam)
+        else:
+            h, w = x.shape[-2:]
+            ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+            cy = int(torch.randint(h, (1,), generator=generator))
+            cx = int(torch.randint(w, (1,), generator=generator))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        return x, targets * lam + targets[perm] * (1 - lam)

@@ -1,0 +1,62 @@
+"""Model registry: every architecture is created by name through ``create_model``.
+
+Builders are small functions decorated with ``@register_model``; each returns an
+``nn.Module`` whose ``cfg`` attribute is its :class:`ModelCfg`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import nn
+
+from training.classes import NUM_CLASSES
+
+__all__ = ["create_model", "is_model", "list_models", "register_model"]
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def register_model(fn: F) -> F:
+    """Register ``fn`` under its function name. Names must be unique."""
+    name = fn.__name__
+    if name in _BUILDERS:
+        raise ValueError(f"model {name!r} is registered twice")
+    _BUILDERS[name] = fn
+    return fn
+
+
+def list_models(*, include_ensemble: bool = True) -> list[str]:
+    """Sorted names of all registered models."""
+    _import_zoo()
+    names = sorted(_BUILDERS)
+    return names if include_ensemble else [n for n in names if n != "ensemble"]
+
+
+def is_model(name: str) -> bool:
+    _import_zoo()
+    return name in _BUILDERS
+
+
+def create_model(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> nn.Module:
+    """Build the model registered as ``name``.
+
+    Raises:
+        KeyError: ``name`` is not registered (the message lists what is).
+    """
+    _import_zoo()
+    try:
+        builder = _BUILDERS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(_BUILDERS))}") from None
+    model = builder(num_classes=num_classes, **kwargs)
+    if not hasattr(model, "cfg"):
+        raise TypeError(f"builder {name!r} returned a model without a .cfg ModelCfg")
+    return model
+
+
+def _import_zoo() -> None:
+    """Import the architecture modules so their builders register themselves."""
+    from training.models import compact, cnn, ensemble, resnet, vgg  # noqa: F401
