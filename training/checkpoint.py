@@ -30,6 +30,7 @@ __all__ = [
     "load_card",
     "load_checkpoint",
     "save_checkpoint",
+    "update_card",
     "weights_path",
 ]
 
@@ -126,6 +127,17 @@ def load_card(path: str | Path) -> dict[str, Any]:
     for key in ("arch", "cfg"):
         if key not in card:
             raise CheckpointError(f"checkpoint card {cpath} has no {key!r} entry")
+    return card
+
+
+def update_card(path: str | Path, **updates: Any) -> dict[str, Any]:
+    """Rewrite top-level entries of a checkpoint's card (e.g. new ``metrics``); weights untouched."""
+    card = load_card(path)
+    card.update(updates)
+    cpath = card_path(path)
+    tmp = cpath.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(cpath)
     return card
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -193,7 +194,8 @@ class BatchAugment:
             return x, targets
         mode = modes[int(torch.randint(len(modes), (1,), generator=generator))]
         alpha = self.mixup_alpha if mode == "mixup" else self.cutmix_alpha
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        lam = float(np.random.default_rng(seed).beta(alpha, alpha))
         perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
         if mode == "mixup":
             x = x * lam + x[perm] * (1 - lam)

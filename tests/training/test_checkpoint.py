@@ -1,0 +1,98 @@
+"""Checkpoint round trip, and clear errors for corrupt or mismatched files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import CheckpointError, load_card, load_checkpoint, save_checkpoint
+from training.models import create_model
+
+ARCH = "compact_resnet"
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(0)
+    model = create_model(ARCH).eval()
+    path = save_checkpoint(
+        tmp_path / "ck" / "best", model, arch=ARCH, train_args={"lr": 0.1},
+        metrics={"PublicTest": {"acc": 0.5}}, data_fingerprint="abc123",
+    )
+    return model, path
+
+
+def test_round_trip_gives_identical_outputs(saved: tuple[torch.nn.Module, Path]) -> None:
+    model, path = saved
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+    loaded, card = load_checkpoint(path.with_suffix(""))
+    x = torch.randn(3, 1, 44, 44)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert card["arch"] == ARCH
+    assert card["metrics"]["PublicTest"]["acc"] == 0.5
+    assert card["data_fingerprint"] == "abc123"
+    assert card["train_args"] == {"lr": 0.1}
+    assert card["cfg"]["input_size"] == 44
+    assert card["code_version"]
+    assert not loaded.training
+
+
+def test_half_checkpoint_is_smaller_and_close(tmp_path: Path) -> None:
+    model = create_model(ARCH).eval()
+    full = save_checkpoint(tmp_path / "full", model, arch=ARCH)
+    half = save_checkpoint(tmp_path / "half", model, arch=ARCH, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, card = load_checkpoint(half)
+    assert card["dtype"] == "float16"
+    x = torch.randn(2, 1, 44, 44)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=5e-2)
+
+
+def test_truncated_weights_name_the_file(saved: tuple[torch.nn.Module, Path]) -> None:
+    _, path = saved
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+
+
+def test_garbage_card_names_the_file(saved: tuple[torch.nn.Module, Path]) -> None:
+    _, path = saved
+    card = path.with_suffix(".json")
+    card.write_text("{not json")
+    with pytest.raises(CheckpointError, match=str(card)):
+        load_checkpoint(path)
+
+
+def test_missing_files_name_the_file(tmp_path: Path, saved: tuple[torch.nn.Module, Path]) -> None:
+    with pytest.raises(CheckpointError, match="card not found"):
+        load_checkpoint(tmp_path / "nothing")
+    _, path = saved
+    path.unlink()
+    with pytest.raises(CheckpointError, match=f"weights not found: {path}"):
+        load_checkpoint(path)
+
+
+def test_card_and_weights_that_disagree(saved: tuple[torch.nn.Module, Path]) -> None:
+    _, path = saved
+    card_file = path.with_suffix(".json")
+    card = json.loads(card_file.read_text())
+    card["arch"] = "cnn3"
+    card_file.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"do not match arch 'cnn3'"):
+        load_checkpoint(path)
+
+
+def test_unknown_arch_in_card(saved: tuple[torch.nn.Module, Path]) -> None:
+    _, path = saved
+    card_file = path.with_suffix(".json")
+    card = json.loads(card_file.read_text())
+    card["arch"] = "no_such_net"
+    card_file.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="cannot build model"):
+        load_checkpoint(path)
+    assert load_card(path)["arch"] == "no_such_net"

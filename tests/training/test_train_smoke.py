@@ -1,0 +1,121 @@
+"""End-to-end smoke training through ``fer-train``: loss falls, outputs exist, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.cli import main as cli_main
+from training.data.fer2013 import load_fer2013
+from training.engine import evaluate
+from training.models import create_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ARCH = "compact_resnet"
+
+
+def _train(data: Path, out: Path, cache: Path, *extra: str) -> int:
+    return cli_main([
+        "classify", "--model", ARCH, "--data", str(data), "--output-dir", str(out),
+        "--cache-dir", str(cache), "--batch-size", "32", "--lr", "0.05", "--no-progress",
+        "--seed", "1", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+
+    base = tmp_path_factory.mktemp("smoke")
+    import cv2
+    import numpy as np
+
+    from tests.support import synthetic_face  # local import keeps collection light
+
+    rng = np.random.default_rng(0)
+    data = base / "fer2013"
+    i = 0
+    for split, prefix, n in (("train", "Training", 40), ("test", "PublicTest", 10)):
+        for label, name in enumerate(("angry", "disgust", "fear", "happy", "sad", "surprise",
+                                      "neutral")):
+            (data / split / name).mkdir(parents=True)
+            for _ in range(n):
+                i += 1
+                cv2.imwrite(str(data / split / name / f"{prefix}_{i}.png"),
+                            synthetic_face(label, rng))
+    out = base / "run"
+    assert _train(data, out, base / "cache", "--epochs", "3") == 0
+    return {"data": data, "out": out, "cache": base / "cache", "base": base}
+
+
+def test_outputs_exist(trained: dict[str, Path]) -> None:
+    out = trained["out"]
+    for name in ("args.json", "metrics.jsonl", "curves.png", "last.safetensors", "last.json",
+                 "last_state.safetensors", "last_state.json", "best.safetensors", "best.json",
+                 "best_confusion.png", "best_confusion.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(r["val_split"] == "PublicTest" for r in rows)
+    card = json.loads((out / "best.json").read_text())
+    assert set(card["metrics"]) == {"PublicTest"}
+    assert 0 <= card["metrics"]["PublicTest"]["acc_tta"] <= 1
+    assert card["data_fingerprint"]
+    assert json.loads((out / "args.json").read_text())["model"] == ARCH
+
+
+def test_loss_falls_below_untrained(trained: dict[str, Path]) -> None:
+    data = load_fer2013(trained["data"], cache_dir=trained["cache"]).split("PublicTest")
+    torch.manual_seed(1)
+    untrained = evaluate(create_model(ARCH), data.images, data.labels)
+    rows = [json.loads(line) for line in (trained["out"] / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    best_val = min(r["val_loss"] for r in rows)
+    assert best_val < untrained.loss
+    assert best_val < math.log(7)
+    assert max(r["val_acc"] for r in rows) > 2 / 7  # chance is 1/7
+
+
+def test_resume_continues_exactly(trained: dict[str, Path]) -> None:
+    """2 epochs in one go == 1 epoch, stop, then --resume for the second."""
+    base, data, cache = trained["base"], trained["data"], trained["cache"]
+    straight, split = base / "straight", base / "split"
+    assert _train(data, straight, cache, "--epochs", "2", "--amp", "none") == 0
+    assert _train(data, split, cache, "--epochs", "2", "--amp", "none", "--epoch-budget", "1") == 0
+    assert len((split / "metrics.jsonl").read_text().splitlines()) == 1
+    assert _train(data, split, cache, "--epochs", "2", "--amp", "none", "--resume") == 0
+    a, b = load_file(str(straight / "last.safetensors")), load_file(str(split / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_command_reports_both_crops(trained: dict[str, Path]) -> None:
+    out = trained["base"] / "eval"
+    rc = cli_main(["eval", str(trained["out"] / "best"), "--data", str(trained["data"]),
+                   "--cache-dir", str(trained["cache"]), "--output-dir", str(out)])
+    assert rc == 0
+    report = json.loads((out / "eval_PublicTest.json").read_text())
+    assert report["images"] == 70
+    card = json.loads((trained["out"] / "best.json").read_text())
+    assert report["acc_10crop"] == pytest.approx(card["metrics"]["PublicTest"]["acc_tta"], abs=1e-6)
+    assert report["acc_1crop"] == pytest.approx(card["metrics"]["PublicTest"]["acc"], abs=1e-6)
+    assert (out / "eval_PublicTest_confusion.png").stat().st_size > 1000
+    assert sum(map(sum, report["confusion_matrix"])) == 70
+
+
+def test_selection_refuses_data_without_publictest(tmp_path: Path,
+                                                   make_fer_folder: Callable[..., Path]) -> None:
+    root = make_fer_folder(per_class_train=3, per_class_test=2)
+    for f in (root / "test").rglob("PublicTest_*.png"):  # only PrivateTest left beside Training
+        f.rename(f.with_name(f.name.replace("PublicTest", "PrivateTest")))
+    rc = _train(root, tmp_path / "run", tmp_path / "cache", "--epochs", "1")
+    assert rc == 2
+    assert not (tmp_path / "run" / "best.safetensors").exists()

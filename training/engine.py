@@ -1,0 +1,224 @@
+"""``train_one_epoch`` and ``evaluate``: plain functions, torchvision-reference style.
+
+The whole dataset lives as one uint8 tensor on the training device; batches are drawn by index,
+normalised and augmented on that device. There is no DataLoader and no per-sample PIL work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from training.data.transforms import BatchAugment, eval_views, normalize
+from training.models.cfg import ModelCfg
+from training.runtime import autocast
+
+__all__ = ["Distillation", "EvalResult", "evaluate", "predict_probs", "soft_cross_entropy",
+           "train_one_epoch"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Distillation:
+    """Knowledge distillation from a frozen teacher (e.g. the ensemble).
+
+    loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T)
+    """
+
+    teacher: nn.Module
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+
+@dataclass
+class EvalResult:
+    """Outputs of :func:`evaluate`."""
+
+    probs: Tensor  # (N, C) on CPU, averaged over views
+    labels: Tensor  # (N,) on CPU
+    loss: float
+    accuracy: float
+
+    @property
+    def preds(self) -> Tensor:
+        return self.probs.argmax(1)
+
+
+def soft_cross_entropy(
+    logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.0,
+    class_weights: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy against soft targets ``(N, C)`` with optional smoothing and class weights."""
+    n_classes = logits.shape[1]
+    if label_smoothing > 0:
+        targets = targets * (1 - label_smoothing) + label_smoothing / n_classes
+    per_sample = -(targets * F.log_softmax(logits.float(), dim=1)).sum(1)
+    if class_weights is None:
+        return per_sample.mean()
+    w = targets @ class_weights
+    return (per_sample * w).sum() / w.sum()
+
+
+def _batches(n: int, batch_size: int, order: Tensor) -> list[Tensor]:
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) < 2:  # BatchNorm needs at least two samples
+        chunks.pop()
+    return chunks
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    augment: BatchAugment,
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+    generator: torch.Generator,
+    sample_weights: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    grad_clip: float = 0.0,
+    scaler: torch.amp.GradScaler | None = None,
+    distill: Distillation | None = None,
+    channels_last: bool = True,
+    epoch: int = 0,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Train ``model`` for one pass over ``images`` (uint8, on the training device).
+
+    Args:
+        sample_weights: per-sample weights for balanced sampling with replacement; ``None``
+            draws a random permutation.
+        class_weights: per-class loss weights (class-weighted loss).
+        max_batches: stop early (smoke tests and benchmarks).
+
+    Returns:
+        mean loss, training accuracy (against the un-mixed labels), images/s and the last lr.
+    """
+    model.train()
+    device = images.device
+    cfg: ModelCfg = model.cfg
+    n = images.shape[0]
+    if sample_weights is not None:
+        order = torch.multinomial(sample_weights, n, replacement=True, generator=generator)
+    else:
+        order = torch.randperm(n, generator=generator)
+    batches = _batches(n, batch_size, order)
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    total_loss, total_correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
+    for idx in bar:
+        idx = idx.to(device)
+        y = labels[idx]
+        x, targets = augment(normalize(images[idx], cfg), y, generator=generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+            loss = soft_cross_entropy(
+                logits, targets, label_smoothing=label_smoothing, class_weights=class_weights
+            )
+            if distill is not None:
+                loss = _distill_loss(loss, logits, x, distill)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        bs = len(idx)
+        seen += bs
+        total_loss += loss.item() * bs
+        total_correct += int((logits.argmax(1) == y).sum())
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}",
+                        img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_acc": total_correct / max(seen, 1),
+        "images_per_s": seen / max(elapsed, 1e-9),
+        "lr": optimizer.param_groups[0]["lr"],
+        "epoch_time_s": elapsed,
+    }
+
+
+def _distill_loss(hard_loss: Tensor, logits: Tensor, x: Tensor, distill: Distillation) -> Tensor:
+    t = distill.temperature
+    with torch.no_grad():
+        teacher_logits = distill.teacher(x)
+    kl = F.kl_div(
+        F.log_softmax(logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+        reduction="batchmean", log_target=True,
+    )
+    return (1 - distill.alpha) * hard_loss + distill.alpha * t * t * kl
+
+
+@torch.inference_mode()
+def predict_probs(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    tta: bool = False,
+    batch_size: int = 256,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+) -> Tensor:
+    """Class probabilities ``(N, C)`` (CPU, float32) for uint8 ``images`` on the model's device.
+
+    With ``tta`` the softmax is averaged over the 10 crops (corners, centre and mirrors).
+    """
+    model.eval()
+    cfg: ModelCfg = model.cfg
+    device = next(model.parameters()).device
+    out = []
+    for chunk in images.split(batch_size):
+        views = eval_views(chunk.to(device), cfg, tta=tta)  # (V, n, C, s, s)
+        v, n = views.shape[:2]
+        x = views.flatten(0, 1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        probs = logits.float().softmax(1).view(v, n, -1).mean(0)
+        out.append(probs.cpu())
+    return torch.cat(out) if out else torch.empty(0, cfg.num_classes)
+
+
+def evaluate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    tta: bool = False,
+    batch_size: int = 256,
+    amp_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Accuracy and mean NLL of ``model`` on uint8 ``images`` with integer ``labels``."""
+    probs = predict_probs(model, images, tta=tta, batch_size=batch_size, amp_dtype=amp_dtype)
+    labels = labels.cpu()
+    nll = F.nll_loss(probs.clamp_min(1e-8).log(), labels).item() if len(labels) else float("nan")
+    acc = (probs.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+    return EvalResult(probs=probs, labels=labels, loss=nll, accuracy=acc)

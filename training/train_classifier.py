@@ -1,0 +1,276 @@
+"""``fer-train classify``: train one classifier on FER2013, selecting on PublicTest only.
+
+Shaped like torchvision's reference scripts: ``get_args_parser()`` and ``main(args)``.
+Each epoch writes ``last`` (weights, card and training state) so an interrupted run loses at
+most one epoch, appends a line to ``metrics.jsonl`` and redraws ``curves.png``. The best epoch
+on PublicTest is kept as ``best``; at the end it is re-evaluated with 10-crop TTA and its
+confusion matrix is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.checkpoint import load_checkpoint, save_checkpoint, update_card
+from training.data.dataset import FaceDataset
+from training.data.fer2013 import load_fer2013
+from training.data.transforms import BatchAugment
+from training.engine import Distillation, evaluate, train_one_epoch
+from training.metrics import classification_report
+from training.models import create_model, list_models
+from training.plots import plot_confusion_matrix, plot_training_curves
+from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, seed_everything
+from training.train_state import load_train_state, save_train_state
+
+__all__ = ["SELECTION_SPLIT", "get_args_parser", "main", "selection_split"]
+
+log = logging.getLogger(__name__)
+
+#: The only split used for model selection, early stopping and ensemble weights.
+SELECTION_SPLIT = "PublicTest"
+DEFAULT_DATA = "../shared/data/fer2013"
+
+
+def selection_split(dataset: FaceDataset) -> FaceDataset:
+    """The PublicTest part of ``dataset``; selecting on anything else is not possible."""
+    val = dataset.split(SELECTION_SPLIT)
+    if len(val) == 0:
+        raise ValueError(f"the dataset has no {SELECTION_SPLIT} samples to select models on")
+    return val
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a FER2013 classifier", add_help=add_help)
+    p.add_argument("--model", default="compact_resnet", help=f"one of {list_models()}")
+    p.add_argument("--data", default=DEFAULT_DATA, help="FER2013 image folder or fer2013.csv")
+    p.add_argument("--cache-dir", type=Path, default=None, help="decoded-dataset cache folder")
+    p.add_argument("--output-dir", type=Path, default=None, help="default: runs/<model>")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr-scheduler", choices=("cosine", "step", "plateau"), default="cosine")
+    p.add_argument("--lr-step-size", type=int, default=30, help="epochs per step (step)")
+    p.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor (step, plateau)")
+    p.add_argument("--lr-patience", type=int, default=5, help="epochs without gain (plateau)")
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--class-balance", choices=("none", "loss", "sampler"), default="none",
+                   help="class-weighted loss or balanced sampling")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = off")
+    p.add_argument("--rotate", type=float, default=10.0, help="max rotation in degrees")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.9, 1.1))
+    p.add_argument("--flip", type=float, default=0.5)
+    p.add_argument("--erase-p", type=float, default=0.5)
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; 0 = off")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; 0 = off")
+    p.add_argument("--teacher", type=Path, default=None, help="checkpoint to distil from")
+    p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--distill-temp", type=float, default=4.0)
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=int, default=0,
+                   help="early stopping: epochs without PublicTest gain; 0 = off")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    p.add_argument("--epoch-budget", type=int, default=0,
+                   help="train at most N epochs in this invocation, then stop (resume later)")
+    p.add_argument("--train-limit", type=int, default=0, help="use only N training images")
+    p.add_argument("--val-limit", type=int, default=0, help="use only N PublicTest images")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--half-checkpoint", action="store_true", help="store best weights as fp16")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = default")
+    return p
+
+
+def _build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) -> Any:
+    main_epochs = max(args.epochs - args.warmup_epochs, 1)
+    if args.lr_scheduler == "cosine":
+        sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs)
+    elif args.lr_scheduler == "step":
+        sched = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_step_size, args.lr_gamma)
+    else:
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=args.lr_gamma, patience=args.lr_patience
+        )
+    if args.warmup_epochs > 0:
+        warm = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=0.1, total_iters=args.warmup_epochs
+        )
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            optimizer, [warm, sched], milestones=[args.warmup_epochs]
+        )
+    return sched
+
+
+def _build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
+    w = counts.sum() / (num_classes * counts)
+    return w / w.mean()
+
+
+def _limit(ds: FaceDataset, n: int, seed: int) -> FaceDataset:
+    if n <= 0 or n >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    return ds.subset(torch.randperm(len(ds), generator=g)[:n].sort().values)
+
+
+def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved arguments as JSON-ready values (the CLI's dispatch entries dropped)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            if not callable(v) and k not in {"command", "verbose"}}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run training; return the best checkpoint's card metrics."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    out = args.output_dir or Path("runs") / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    generator = seed_everything(args.seed)
+
+    data = load_fer2013(args.data, cache_dir=args.cache_dir)
+    train = _limit(data.split("Training"), args.train_limit, args.seed)
+    val = _limit(selection_split(data), args.val_limit, args.seed)
+    log.info("data %s: %d training, %d %s images; device %s, amp %s", args.data, len(train),
+             len(val), SELECTION_SPLIT, device, amp_dtype)
+
+    model = create_model(args.model, num_classes=len(data.class_names)).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cfg = model.cfg
+    optimizer = _build_optimizer(args, model)
+    scheduler = _build_scheduler(args, optimizer)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
+    augment = BatchAugment(
+        cfg, flip=args.flip, max_rotate=args.rotate, scale=tuple(args.scale),
+        erase_p=args.erase_p, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+    )
+    train_images, train_labels = train.images.to(device), train.labels.to(device)
+    sample_weights = class_weights = None
+    if args.class_balance == "sampler":
+        per_class = 1.0 / torch.bincount(train.labels, minlength=cfg.num_classes).float().clamp_min(1)
+        sample_weights = per_class[train.labels]
+    elif args.class_balance == "loss":
+        class_weights = _class_weights(train.labels, cfg.num_classes).to(device)
+    distill = None
+    if args.teacher is not None:
+        teacher, tcard = load_checkpoint(args.teacher, device=device)
+        if teacher.cfg != cfg:
+            raise ValueError(f"teacher {args.teacher} has ModelCfg {teacher.cfg}, student {cfg}")
+        distill = Distillation(teacher.requires_grad_(False), args.distill_alpha, args.distill_temp)
+        log.info("distilling from %s (%s)", args.teacher, tcard["arch"])
+
+    start_epoch, best_acc, best_epoch, wall_before, stale = 0, -1.0, -1, 0.0, 0
+    if args.resume and (out / "last.safetensors").is_file():
+        state_model, _ = load_checkpoint(out / "last", device=device)
+        model.load_state_dict(state_model.state_dict())
+        info = load_train_state(out / "last", optimizer=optimizer, scheduler=scheduler,
+                                generator=generator, scaler=scaler)
+        start_epoch, best_acc, best_epoch = info["epoch"] + 1, info["best_acc"], info["best_epoch"]
+        wall_before, stale = info.get("wall_time_s", 0.0), info.get("stale_epochs", 0)
+        log.info("resumed %s at epoch %d (best %.4f at %d)", out, start_epoch, best_acc, best_epoch)
+    elif args.resume:
+        log.warning("--resume given but %s has no last checkpoint; starting fresh", out)
+    if start_epoch == 0:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "args.json").write_text(json.dumps(_args_dict(args), indent=2) + "\n")
+
+    card_args = _args_dict(args)
+    run_start = time.perf_counter()
+    end_epoch = args.epochs
+    if args.epoch_budget > 0:
+        end_epoch = min(end_epoch, start_epoch + args.epoch_budget)
+    for epoch in range(start_epoch, end_epoch):
+        stats = train_one_epoch(
+            model, optimizer, train_images, train_labels, augment=augment,
+            batch_size=args.batch_size, amp_dtype=amp_dtype, generator=generator,
+            sample_weights=sample_weights, class_weights=class_weights,
+            label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, scaler=scaler,
+            distill=distill, channels_last=args.channels_last, epoch=epoch,
+            progress=args.progress,
+        )
+        result = evaluate(model, val.images, val.labels, amp_dtype=amp_dtype)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(result.accuracy)
+        else:
+            scheduler.step()
+        wall = wall_before + time.perf_counter() - run_start
+        row = {"epoch": epoch, **stats, "val_loss": result.loss, "val_acc": result.accuracy,
+               "val_split": SELECTION_SPLIT, "wall_time_s": wall}
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        improved = result.accuracy > best_acc
+        if improved:
+            best_acc, best_epoch, stale = result.accuracy, epoch, 0
+        else:
+            stale += 1
+        common = {"arch": args.model, "train_args": card_args,
+                  "data_fingerprint": data.fingerprint}
+        extra = {"device": str(device), "epochs_trained": epoch + 1, "wall_time_s": round(wall, 1)}
+        metrics = {SELECTION_SPLIT: {"acc": result.accuracy, "loss": result.loss, "epoch": epoch}}
+        if improved:
+            save_checkpoint(out / "best", model, metrics=metrics, extra=extra,
+                            half=args.half_checkpoint, **common)
+        save_checkpoint(out / "last", model, metrics=metrics, extra=extra, **common)
+        save_train_state(out / "last", optimizer=optimizer, scheduler=scheduler,
+                         generator=generator, scaler=scaler,
+                         info={"epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
+                               "wall_time_s": wall, "stale_epochs": stale})
+        plot_training_curves(out / "metrics.jsonl", out / "curves.png")
+        log.info("epoch %d: train loss %.4f acc %.4f | %s acc %.4f loss %.4f | %.0f img/s%s",
+                 epoch, stats["train_loss"], stats["train_acc"], SELECTION_SPLIT,
+                 result.accuracy, result.loss, stats["images_per_s"], " *" if improved else "")
+        if args.patience and stale >= args.patience:
+            log.info("early stop: no %s gain for %d epochs", SELECTION_SPLIT, stale)
+            break
+    return finalize_best(out, val, amp_dtype=amp_dtype, device=device)
+
+
+def finalize_best(
+    out: Path, val: FaceDataset, *, amp_dtype: torch.dtype | None, device: torch.device
+) -> dict[str, Any]:
+    """Re-evaluate ``best`` with 1-crop and 10-crop TTA, update its card, plot its confusion."""
+    if not (out / "best.safetensors").is_file():
+        raise FileNotFoundError(f"no best checkpoint in {out}")
+    model, card = load_checkpoint(out / "best", device=device)
+    one = evaluate(model, val.images, val.labels, amp_dtype=amp_dtype)
+    ten = evaluate(model, val.images, val.labels, tta=True, amp_dtype=amp_dtype)
+    report = classification_report(ten.labels, ten.preds, model.cfg.class_names)
+    metrics = dict(card["metrics"])
+    metrics[SELECTION_SPLIT] = {**metrics.get(SELECTION_SPLIT, {}), "acc": one.accuracy,
+                                "acc_tta": ten.accuracy, "macro_f1_tta": report["macro_f1"]}
+    update_card(out / "best", metrics=metrics)
+    (out / "best_confusion.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_confusion_matrix(report["confusion_matrix"], model.cfg.class_names,
+                          out / "best_confusion.png",
+                          title=f"{card['arch']} {SELECTION_SPLIT} 10-crop acc {ten.accuracy:.4f}")
+    log.info("best %s: %s 1-crop %.4f, 10-crop %.4f", card["arch"], SELECTION_SPLIT,
+             one.accuracy, ten.accuracy)
+    return metrics
