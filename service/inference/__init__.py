@@ -1,0 +1,1 @@
+"""Inference stages of the service: detection, alignment, batching and prediction."""
