@@ -1,0 +1,346 @@
+"""Safe decoding and validation of uploaded images.
+
+This is the first stage of every request: untrusted bytes go in, an RGB ``uint8`` array of shape
+``(H, W, 3)`` comes out, or an :class:`ImageError` carrying the HTTP status and a machine-readable
+``code`` is raised. The module knows nothing about FastAPI; the app maps :class:`ImageError` to the
+shared JSON error shape ``{"error": {"code": ..., "message": ...}}``.
+
+The checks run cheapest first, so hostile input is refused before any pixel is decoded:
+
+1. body size against ``max_bytes`` (413 ``payload_too_large``), before anything else;
+2. empty body (400 ``empty_image``);
+3. declared content type (415 ``unsupported_media_type``);
+4. Pillow parses the header only; bytes it cannot identify are 400 ``not_an_image``;
+5. the *detected* format must be in :data:`SUPPORTED_FORMATS` (415, naming that format), whatever
+   the declared content type said;
+6. ``width * height`` against ``max_pixels`` (413 ``too_many_pixels``), still before decoding;
+   this is the decompression-bomb defence. Pillow's own ``DecompressionBombError`` (and its
+   warning, when warnings are turned into errors) becomes the same 413;
+7. pixels are decoded; a truncated file is 400 ``truncated_image``, other decoder failures are
+   400 ``corrupt_image``;
+8. the EXIF orientation is applied, then the mode is converted to RGB.
+
+Mode conversion: transparent images (``RGBA``, ``LA``, ``PA``, palettes or grey/RGB images with
+a ``transparency`` key) are alpha-composited onto a **white** background, so transparent pixels
+come out white rather than whatever colour happens to sit under alpha 0. 16-bit greyscale is
+scaled to 8 bits (the high byte), not clipped. Animated images yield their first frame.
+
+Pillow's global ``MAX_IMAGE_PIXELS`` and ``ImageFile.LOAD_TRUNCATED_IMAGES`` are never changed
+here; the latter must stay ``False`` for truncation to be detected, and a warning is logged if
+some other code has switched it on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "SNIFF_CONTENT_TYPES",
+    "SUPPORTED_CONTENT_TYPES",
+    "SUPPORTED_FORMATS",
+    "CorruptImageError",
+    "EmptyImageError",
+    "ImageError",
+    "NotAnImageError",
+    "PayloadTooLargeError",
+    "TooManyPixelsError",
+    "TruncatedImageError",
+    "UnsupportedMediaTypeError",
+    "check_content_type",
+    "decode_image",
+    "encode_png",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 10 * 2**20
+"""Default upload limit: 10 MiB."""
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Default pixel limit (about 7300 x 5500); an RGB array of this size is 120 MB."""
+
+SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
+"""Pillow format names that are decoded; anything else Pillow recognises is a 415."""
+
+SUPPORTED_CONTENT_TYPES: frozenset[str] = frozenset(
+    {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp"}
+)
+"""Declared image types that are accepted (the real format is still sniffed from the bytes)."""
+
+SNIFF_CONTENT_TYPES: frozenset[str] = frozenset({"", "application/octet-stream"})
+"""Declared types that say nothing about the format: the bytes are sniffed. ``None`` counts too."""
+
+
+class ImageError(Exception):
+    """An upload that cannot be turned into an image.
+
+    Attributes:
+        status: HTTP status code the app should answer with.
+        code: Machine-readable error code, distinct for each subclass.
+        message: Human-readable explanation naming the problem.
+    """
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "invalid_image"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, code={self.code!r}, message={self.message!r})"
+
+
+class EmptyImageError(ImageError):
+    """The request body is empty."""
+
+    status = 400
+    code = "empty_image"
+
+
+class NotAnImageError(ImageError):
+    """The bytes are not an image Pillow can identify (or its header is unreadable)."""
+
+    status = 400
+    code = "not_an_image"
+
+
+class TruncatedImageError(ImageError):
+    """The header parsed but the pixel data ends early."""
+
+    status = 400
+    code = "truncated_image"
+
+
+class CorruptImageError(ImageError):
+    """The header parsed but the pixel data is damaged (bad checksum, broken stream...)."""
+
+    status = 400
+    code = "corrupt_image"
+
+
+class UnsupportedMediaTypeError(ImageError):
+    """The declared content type or the detected format is not supported."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class PayloadTooLargeError(ImageError):
+    """The body is larger than the byte limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class TooManyPixelsError(ImageError):
+    """The image has more pixels than allowed (including decompression bombs)."""
+
+    status = 413
+    code = "too_many_pixels"
+
+
+def _media_type(content_type: str | None) -> str:
+    """``"Image/PNG; charset=x"`` -> ``"image/png"``; ``None`` -> ``""``."""
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Refuse a declared content type that cannot be a supported image.
+
+    ``None``, empty and ``application/octet-stream`` mean "unknown, sniff the bytes" and pass.
+    Parameters such as ``; charset=utf-8`` and letter case are ignored.
+
+    Raises:
+        UnsupportedMediaTypeError: for non-image types (``text/plain``, ``application/pdf``...)
+            and unsupported image types (``image/gif``, ``image/tiff``...).
+    """
+    media_type = _media_type(content_type)
+    if media_type in SNIFF_CONTENT_TYPES or media_type in SUPPORTED_CONTENT_TYPES:
+        return
+    supported = ", ".join(sorted(SUPPORTED_CONTENT_TYPES))
+    raise UnsupportedMediaTypeError(
+        f"content type {media_type!r} is not supported; send one of {supported} "
+        "(or application/octet-stream to have the format detected)"
+    )
+
+
+def _is_truncation(exc: BaseException) -> bool:
+    """Whether a decoder failure means the data ended early."""
+    return isinstance(exc, EOFError) or "truncated" in str(exc).lower()
+
+
+def _bomb_error(width: int, height: int, max_pixels: int, detail: str = "") -> TooManyPixelsError:
+    suffix = f" ({detail})" if detail else ""
+    return TooManyPixelsError(
+        f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+        f"{max_pixels} pixels{suffix}"
+    )
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Convert any decoded Pillow mode to a C-contiguous RGB ``uint8`` array.
+
+    Transparency is composited onto white; 16/32-bit greyscale keeps its high byte.
+    """
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        grey = np.asarray(image)
+        if mode == "I":
+            grey = np.clip(grey, 0, 65535)
+        grey8 = (grey >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
+    if mode == "F":
+        grey8 = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
+
+    has_alpha = "A" in image.getbands() or mode in ("RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba).convert("RGB")
+    elif mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.array(image, dtype=np.uint8))
+
+
+def decode_image(
+    data: bytes,
+    *,
+    content_type: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Validate and decode uploaded image bytes.
+
+    Args:
+        data: The raw request body.
+        content_type: The declared ``Content-Type``; ``None``/``application/octet-stream`` sniff.
+        max_bytes: Largest accepted body, checked before anything else.
+        max_pixels: Largest accepted ``width * height``, checked before pixels are decoded.
+
+    Returns:
+        The image after EXIF orientation, as a C-contiguous ``uint8`` array of shape ``(H, W, 3)``
+        in RGB order.
+
+    Raises:
+        ImageError: a subclass whose ``status``/``code`` say what went wrong (see module docs).
+    """
+    size = len(data)
+    if size > max_bytes:
+        raise PayloadTooLargeError(f"body is {size} bytes, more than the limit of {max_bytes} bytes")
+    if size == 0:
+        raise EmptyImageError("body is empty; send the image bytes")
+    check_content_type(content_type)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True somewhere in this process; "
+            "truncated uploads will not be detected"
+        )
+
+    declared = _media_type(content_type) or "unspecified"
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning is only raised when warnings are turned into errors.
+        logger.info("rejected decompression bomb (%s bytes): %s", size, exc)
+        raise TooManyPixelsError(
+            f"image has too many pixels (limit {max_pixels}); "
+            f"Pillow refused it as a decompression bomb: {exc}"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise NotAnImageError(
+            f"body ({size} bytes, declared content type {declared}) is not a recognisable image"
+        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        logger.debug("Pillow failed to open upload", exc_info=True)
+        raise NotAnImageError(
+            f"body ({size} bytes, declared content type {declared}) is not a readable image: {exc}"
+        ) from exc
+
+    with image:
+        fmt = image.format or "unknown"
+        if fmt not in SUPPORTED_FORMATS:
+            raise UnsupportedMediaTypeError(
+                f"{fmt} is not supported (declared content type {declared}); "
+                f"send one of {', '.join(sorted(SUPPORTED_FORMATS))}"
+            )
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise NotAnImageError(f"{fmt} image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            logger.info("rejected %s of %dx%d pixels (limit %d)", fmt, width, height, max_pixels)
+            raise _bomb_error(width, height, max_pixels)
+
+        try:
+            image.load()
+        except MemoryError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise _bomb_error(width, height, max_pixels, str(exc)) from exc
+        except Exception as exc:
+            logger.debug("Pillow failed to decode %s upload", fmt, exc_info=True)
+            if _is_truncation(exc):
+                raise TruncatedImageError(
+                    f"{fmt} image ({width}x{height}, {size} bytes) is truncated: {exc}"
+                ) from exc
+            raise CorruptImageError(
+                f"{fmt} image ({width}x{height}, {size} bytes) is corrupt: {exc}"
+            ) from exc
+
+        try:
+            ImageOps.exif_transpose(image, in_place=True)
+        except MemoryError:
+            raise
+        except Exception:
+            # A malformed EXIF block should not cost the user their request: keep the pixels as stored.
+            logger.warning("ignoring unreadable EXIF orientation in %s upload", fmt, exc_info=True)
+
+        try:
+            array = _to_rgb(image)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            logger.debug("converting %s mode %s to RGB failed", fmt, image.mode, exc_info=True)
+            raise NotAnImageError(f"{fmt} image in mode {image.mode} cannot be converted to RGB") from exc
+
+    logger.debug("decoded %s %dx%d (%d bytes)", fmt, array.shape[1], array.shape[0], size)
+    return array
+
+
+def encode_png(image: np.ndarray, *, compress_level: int = 6) -> bytes:
+    """Encode a greyscale ``(H, W)`` or RGB ``(H, W, 3)`` ``uint8`` array as PNG bytes.
+
+    Args:
+        image: The pixels; any memory layout is accepted.
+        compress_level: zlib level 0-9 (lower is faster, larger).
+
+    Returns:
+        The PNG file as bytes.
+
+    Raises:
+        ValueError: if the array is not ``uint8`` or not one of the two shapes.
+    """
+    if image.dtype != np.uint8:
+        raise ValueError(f"encode_png expects uint8 pixels, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"encode_png expects an (H, W) or (H, W, 3) array, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"encode_png cannot encode an empty image of shape {image.shape}")
+    pil = Image.fromarray(np.ascontiguousarray(image))  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
