@@ -132,7 +132,7 @@ def ensemble_main(args: argparse.Namespace) -> dict[str, Any]:
         "weights": weights, "tta": args.tta,
         "note": f"weights fitted on {SELECTION_SPLIT}; report another split for unbiased accuracy",
     }}
-    save_checkpoint(args.output, model, arch="ensemble", model_kwargs=model.init_kwargs,
+    save_checkpoint(args.output, model, arch="ensemble", model_kwargs=model.model_kwargs,
                     metrics=metrics, half=args.half,
                     data_fingerprint=None, train_args={k: str(v) for k, v in vars(args).items()})
     log.info("ensemble of %d saved to %s: %s", len(members), args.output, metrics[SELECTION_SPLIT])

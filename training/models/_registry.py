@@ -59,4 +59,4 @@ def create_model(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> nn.Modu
 
 def _import_zoo() -> None:
     """Import the architecture modules so their builders register themselves."""
-    from training.models import compact, cnn, ensemble, resnet, vgg  # noqa: F401
+    from training.models import cnn, compact, ensemble, resnet, vgg  # noqa: F401
