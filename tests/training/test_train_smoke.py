@@ -119,3 +119,44 @@ def test_selection_refuses_data_without_publictest(tmp_path: Path,
     rc = _train(root, tmp_path / "run", tmp_path / "cache", "--epochs", "1")
     assert rc == 2
     assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_ensemble_command_fits_on_publictest_and_loads(trained: dict[str, Path]) -> None:
+    out = trained["base"] / "ens"
+    rc = cli_main(["ensemble", str(trained["out"] / "best"), str(trained["out"] / "last"),
+                   "--output", str(out / "best"), "--data", str(trained["data"]),
+                   "--cache-dir", str(trained["cache"])])
+    assert rc == 0
+    card = json.loads((out / "best.json").read_text())
+    assert card["arch"] == "ensemble"
+    weights = card["metrics"]["PublicTest"]["weights"]
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1.0, abs=1e-5)
+    rc = cli_main(["eval", str(out / "best"), "--data", str(trained["data"]),
+                   "--cache-dir", str(trained["cache"]), "--output-dir", str(out)])
+    assert rc == 0
+    report = json.loads((out / "eval_PublicTest.json").read_text())
+    assert 0 <= report["acc_1crop"] <= 1 and report["images"] == 70
+
+
+def test_ckplus_cross_validation_runs_per_subject(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    from tests.support import synthetic_face
+    from training.data.ckplus import CK_CLASSES
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ck"
+    for label, name in enumerate(CK_CLASSES):
+        (root / name).mkdir(parents=True)
+        for subject in range(1, 7):
+            for frame in range(2):
+                cv2.imwrite(str(root / name / f"S{subject:03d}_{label + 1:03d}_{frame:08d}.png"),
+                            synthetic_face(label, rng))
+    out = tmp_path / "cv.json"
+    rc = cli_main(["cv", "--model", "compact_resnet_s", "--data", str(root), "--folds", "3",
+                   "--epochs", "2", "--batch-size", "16", "--no-progress", "--output", str(out)])
+    assert rc == 0
+    summary = json.loads(out.read_text())
+    assert summary["folds"] == 3 and len(summary["fold_acc"]) == 3
+    assert 0 <= summary["mean_acc"] <= 1 and summary["std_acc"] >= 0
