@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     )
     cache_dir: Path | None = Field(None, description="cache for converted detector weights")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op CPU threads; 0 = torch's default")
 
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="timer starts at the first queued item")

@@ -50,6 +50,8 @@ class InferenceEngine:
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Load every model (off the event loop), start the batchers, warm up."""
+        if self.settings.torch_threads > 0:
+            torch.set_num_threads(self.settings.torch_threads)
         await asyncio.to_thread(self._load)
         s = self.settings
         self._batchers["detector"] = DynamicBatcher(

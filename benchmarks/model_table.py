@@ -1,0 +1,62 @@
+"""The results table: one row per checkpoint, every number measured by this command.
+
+For each checkpoint: parameters, GFLOPs per face (2 x multiply-adds), CPU ms per face at batch 1
+and 32 (fp32, channels_last, median of repeats), FER2013 PublicTest accuracy 1-crop and 10-crop,
+and the epochs, wall time and device recorded in its card. Prints a Markdown table.
+
+    python benchmarks/model_table.py checkpoints/default runs/*/best
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.checkpoint import load_checkpoint  # noqa: E402
+from training.data.dataset import FaceDataset  # noqa: E402
+from training.data.fer2013 import load_fer2013  # noqa: E402
+from training.engine import evaluate  # noqa: E402
+from training.models.complexity import count_flops, count_params, measure_latency  # noqa: E402
+
+
+def row(path: Path, data: FaceDataset, *, repeats: int) -> str:
+    model, card = load_checkpoint(path)
+    gflops = count_flops(model) / 1e9
+    ms1 = measure_latency(model, 1, repeats=repeats * 4, warmup=5, channels_last=True)
+    ms32 = measure_latency(model, 32, repeats=repeats, warmup=2, channels_last=True)
+    one = evaluate(model, data.images, data.labels).accuracy
+    ten = evaluate(model, data.images, data.labels, tta=True).accuracy
+    epochs = card.get("epochs_trained", "-")
+    wall = card.get("wall_time_s")
+    wall_s = f"{wall / 60:.0f} min" if isinstance(wall, (int, float)) else "-"
+    return (f"| {path} | {card['arch']} | {count_params(model) / 1e6:.2f}M | {gflops:.3f} | {ms1:.2f} | "
+            f"{ms32:.2f} | {one * 100:.2f} | {ten * 100:.2f} | {epochs} | {wall_s} | "
+            f"{card.get('device', '-')} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/fer2013"))
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_fer2013(args.data).split("PublicTest")
+    print(f"FER2013 PublicTest ({len(data)} faces); CPU latency with {torch.get_num_threads()} threads\n")
+    print("| checkpoint | arch | params | GFLOPs/face | ms/face b1 | ms/face b32 | PublicTest 1-crop % "
+          "| PublicTest 10-crop % | epochs | wall time | device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in args.checkpoints:
+        print(row(path, data, repeats=args.repeats), flush=True)
+
+
+if __name__ == "__main__":
+    main()
