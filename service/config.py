@@ -57,6 +57,11 @@ class Settings(BaseSettings):
             raise ValueError(f"max_queue ({self.max_queue}) must be at least max_faces ({self.max_faces})")
         return self
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, v: str) -> str:

@@ -33,6 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for clf in engine.classifiers.values():
             metrics.model_info.labels(name=clf.name, arch=clf.arch, version=clf.version,
                                       role=clf.role).set(1)
+        for name in engine.queue_depths():
+            metrics.queue_capacity.labels(model=name).set(settings.max_queue)
         metrics.ready.set(1)
         try:
             yield

@@ -30,6 +30,8 @@ class Metrics:
                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("fer_queue_depth", "Items waiting in the batch queue", ["model"],
                                  registry=r)
+        self.queue_capacity = Gauge("fer_queue_capacity", "Most items the batch queue holds", ["model"],
+                                    registry=r)
         self.faces = Histogram("fer_faces_per_image", "Faces detected per image",
                                buckets=FACE_BUCKETS, registry=r)
         self.errors = Counter("fer_errors_total", "Errors by kind", ["kind"], registry=r)

@@ -110,6 +110,8 @@ def save_checkpoint(
     tmp_w, tmp_c = wpath.with_suffix(".safetensors.tmp"), cpath.with_suffix(".json.tmp")
     save_file(state, str(tmp_w), metadata={"arch": arch})
     tmp_c.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    for tmp in (tmp_w, tmp_c):
+        tmp.chmod(0o644)  # safetensors creates 0600 files; checkpoints are meant to be shared
     tmp_w.replace(wpath)
     tmp_c.replace(cpath)
     return wpath
