@@ -14,6 +14,7 @@ __all__ = ["main"]
 def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Callable[..., Any]]]:
     from training.cv import cv_main, get_cv_parser
     from training.evaluate import ensemble_main, eval_main, get_ensemble_parser, get_eval_parser
+    from training.export import export_main, get_export_parser
     from training.train_classifier import get_args_parser
     from training.train_classifier import main as classify_main
 
@@ -22,6 +23,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
         "eval": (get_eval_parser, eval_main),
         "ensemble": (get_ensemble_parser, ensemble_main),
         "cv": (get_cv_parser, cv_main),
+        "export": (get_export_parser, export_main),
     }
 
 

@@ -1,0 +1,55 @@
+"""``fer-train export``: copy a checkpoint for shipping, optionally as float16.
+
+The card travels with the weights (metrics, training arguments, data fingerprint), and records
+where it was exported from, so a shipped ``checkpoints/default`` still says how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.checkpoint import card_path, load_checkpoint, save_checkpoint, weights_path
+
+__all__ = ["export_main", "get_export_parser"]
+
+log = logging.getLogger(__name__)
+
+_CARD_FIELDS = {"format", "arch", "model_kwargs", "cfg", "num_params", "train_args", "metrics",
+                "data_fingerprint", "code_version", "saved_at", "weights_file", "dtype"}
+
+
+def get_export_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Copy a checkpoint (and its card) for shipping",
+                                add_help=add_help)
+    p.add_argument("source", type=Path, help="checkpoint to export (path with or without suffix)")
+    p.add_argument("dest", type=Path, help="destination stem, e.g. checkpoints/default")
+    p.add_argument("--half", action="store_true", help="store floating-point weights as float16")
+    p.add_argument("--confusion", type=Path, default=None,
+                   help="a confusion-matrix PNG to copy beside it as <dest>_confusion.png")
+    return p
+
+
+def export_main(args: argparse.Namespace) -> dict[str, Any]:
+    model, card = load_checkpoint(args.source)
+    extra = {k: v for k, v in card.items() if k not in _CARD_FIELDS}
+    extra["exported_from"] = str(weights_path(args.source))
+    out = save_checkpoint(
+        args.dest, model, arch=card["arch"], model_kwargs=card.get("model_kwargs"),
+        train_args=card.get("train_args"), metrics=card.get("metrics"),
+        data_fingerprint=card.get("data_fingerprint"), extra=extra, half=args.half,
+    )
+    reloaded, _ = load_checkpoint(out)
+    x = torch.randn(4, model.cfg.in_chans, model.cfg.input_size, model.cfg.input_size)
+    with torch.no_grad():
+        drift = (model(x).float().softmax(1) - reloaded(x).float().softmax(1)).abs().max().item()
+    if args.confusion is not None:
+        shutil.copyfile(args.confusion, out.with_name(out.stem + "_confusion.png"))
+    log.info("exported %s -> %s (%.1f MB, max prob drift %.2e)", args.source, out,
+             out.stat().st_size / 2**20, drift)
+    return {"weights": str(out), "card": str(card_path(out)), "max_prob_drift": drift}
