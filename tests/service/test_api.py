@@ -229,3 +229,16 @@ def test_missing_checkpoint_stops_startup(make_settings, tmp_path) -> None:
 
 def test_unknown_route_uses_error_shape(client: TestClient) -> None:
     _assert_error(client.get("/nope"), 404, "not_found")
+
+
+def test_default_settings_serve_the_shipped_model(detector_weights, face_jpeg: bytes) -> None:  # noqa: ANN001
+    from service.config import DEFAULT_CHECKPOINTS, Settings
+
+    settings = Settings(detector_weights=detector_weights)  # nothing else set: the shipped default
+    assert settings.classifier_checkpoint == DEFAULT_CHECKPOINTS / "default.safetensors"
+    with TestClient(create_app(settings)) as c:
+        (model,) = c.get("/models").json()["models"]
+        assert model["card"]["metrics"]["PublicTest"]["acc_tta"] > 0.6
+        body = c.post("/predict", content=face_jpeg, headers=JPEG).json()
+    (face,) = body["faces"]
+    assert face["dominant"] == "happy"  # the astronaut photo is a broad smile
