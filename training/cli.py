@@ -15,6 +15,8 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
     from training.cv import cv_main, get_cv_parser
     from training.evaluate import ensemble_main, eval_main, get_ensemble_parser, get_eval_parser
     from training.export import export_main, get_export_parser
+    from training.gan import evaluate as gan_eval
+    from training.gan import train as gan_train
     from training.train_classifier import get_args_parser
     from training.train_classifier import main as classify_main
 
@@ -24,6 +26,8 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
         "ensemble": (get_ensemble_parser, ensemble_main),
         "cv": (get_cv_parser, cv_main),
         "export": (get_export_parser, export_main),
+        "frontalizer": (gan_train.get_args_parser, gan_train.main),
+        "eval-frontalizer": (gan_eval.get_args_parser, gan_eval.main),
     }
 
 

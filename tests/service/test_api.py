@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,7 +232,7 @@ def test_unknown_route_uses_error_shape(client: TestClient) -> None:
     _assert_error(client.get("/nope"), 404, "not_found")
 
 
-def test_default_settings_serve_the_shipped_model(detector_weights, face_jpeg: bytes) -> None:  # noqa: ANN001
+def test_default_settings_serve_the_shipped_model(detector_weights: Path, face_jpeg: bytes) -> None:
     from service.config import DEFAULT_CHECKPOINTS, Settings
 
     settings = Settings(detector_weights=detector_weights)  # nothing else set: the shipped default

@@ -1,0 +1,1 @@
+"""Pose-invariant face frontalisation (DR-GAN / CR-GAN family): networks, losses, recipe."""

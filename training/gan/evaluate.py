@@ -1,0 +1,225 @@
+"""``fer-train eval-frontalizer``: identity preservation, expression preservation, accuracy per yaw.
+
+Prints one table and writes the numbers as JSON (and, with ``--update-card``, into the
+frontaliser's card), plus a sample sheet (profile | frontalised | real frontal, CFP ids
+451-500) for ``docs/``:
+
+1. Identity (CFP eval ids 451-500, :mod:`training.gan.identity`): ROC AUC and TAR at FAR 1% of
+   frontal-profile pairs scored by dlib's face recogniser, with the raw profile crop and with
+   the frontalised one; also D_p's pose accuracy on those photos.
+2. Expression preservation (FER2013 PublicTest, first ``--limit`` faces): classifier accuracy
+   on the original faces and on frontalised ones, and how often the two predictions agree.
+3. Accuracy per estimated |yaw| bin, with and without frontalising; ``frontalize_helps`` in
+   the JSON lists the bins where it raised accuracy (what an ``auto`` policy should use).
+
+``--yaw-check`` also runs the detector on the raw CFP eval photos and reports the yaw
+estimate per pose class, validating :func:`training.data.pose.estimate_yaw`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from training.checkpoint import load_checkpoint, update_card
+from training.data.cfp import CfpDataset, load_cfp
+from training.data.pose import estimate_yaw
+from training.gan.fer_eval import detect_fer_landmarks, evaluate_fer
+from training.gan.frontalizer import Frontalizer, frontalize_faces
+from training.gan.identity import (
+    DlibEmbedder,
+    Embedder,
+    all_pairs,
+    protocol_pairs,
+    roc_auc,
+    tar_at_far,
+    verification_scores,
+)
+from training.gan.sheets import pick_sheet_rows, write_sheet
+from training.runtime import resolve_device
+
+__all__ = ["evaluate_identity", "get_args_parser", "main", "yaw_check"]
+
+log = logging.getLogger(__name__)
+Row = tuple[str, str, str, str]
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate the frontaliser (identity, expression, yaw)",
+                                add_help=add_help)
+    p.add_argument("checkpoint", type=Path, nargs="?", default=Path("runs/frontalizer/final"))
+    p.add_argument("--data", default="../shared/data/cfp", help="CFP folder")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--classifier", type=Path, default=Path("checkpoints/default"),
+                   help="expression classifier checkpoint")
+    p.add_argument("--fer-data", default="../shared/data/fer2013")
+    p.add_argument("--limit", type=int, default=1000,
+                   help="a seeded random sample of N FER2013 PublicTest faces (0 = all 3589)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    p.add_argument("--skip-identity", action="store_true")
+    p.add_argument("--skip-fer", action="store_true")
+    p.add_argument("--yaw-check", action="store_true", help="validate the yaw estimate on raw CFP photos")
+    p.add_argument("--sheet", type=Path, default=Path("docs/frontalizer_samples.png"))
+    p.add_argument("--fer-sheet", type=Path, default=Path("docs/frontalizer_fer_samples.png"),
+                   help="FER2013 original | frontaliser input | frontalised")
+    p.add_argument("--sample-count", type=int, default=8)
+    p.add_argument("--output", type=Path, default=None, help="JSON (default: beside the checkpoint)")
+    p.add_argument("--update-card", action="store_true", help="store the metrics in the checkpoint card")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    return p
+
+
+def evaluate_identity(model: Frontalizer, data_root: Path, frontal: CfpDataset, profile: CfpDataset,
+                      embedder: Embedder) -> dict[str, Any]:
+    """AUC and TAR@FAR=1% of frontal-profile pairs, raw vs frontalised profile crops."""
+    front_emb = embedder.embed(frontal.images.numpy())
+    raw_emb = embedder.embed(profile.images.numpy())
+    fake = frontalize_faces(model, profile.images, out_size=model.cfg.image_size)
+    fake_emb = embedder.embed(fake.numpy())
+    pair_sets = {"FP fold 10": protocol_pairs(data_root, list(frontal.paths), list(profile.paths)),
+                 "all F x P pairs": all_pairs(frontal.identity.numpy(), profile.identity.numpy())}
+    result: dict[str, Any] = {"embedder": embedder.name}
+    for name, (pairs, same) in pair_sets.items():
+        entry = {"same": int(same.sum()), "different": int((~same).sum())}
+        for label, emb in (("raw", raw_emb), ("frontalised", fake_emb)):
+            s = verification_scores(front_emb, emb, pairs)
+            entry[label] = {"auc": roc_auc(s, same), "tar_at_far_1pct": tar_at_far(s, same, 0.01)}
+        result[name] = entry
+    return result
+
+
+def yaw_check(data: CfpDataset, detector: Any) -> dict[str, dict[str, float]]:
+    """Yaw estimates from the detector on the raw photos of ``data``, per pose class."""
+    root = Path(data.source)
+    yaws = np.full(len(data), np.nan)
+    for i, rel in enumerate(data.paths):
+        img = cv2.imread(str(root / rel))
+        if img is None:
+            continue
+        dets = detector.detect([cv2.cvtColor(img, cv2.COLOR_BGR2RGB)])[0]
+        if dets:
+            yaws[i] = estimate_yaw(np.asarray(dets[0].landmarks))
+    out = {}
+    for cls, name in enumerate(("frontal", "left_profile", "right_profile")):
+        y = yaws[(data.pose == cls).numpy()]
+        found = y[~np.isnan(y)]
+        if not len(found):
+            continue
+        p5, p50, p95 = np.percentile(found, [5, 50, 95])
+        out[name] = {"n": len(y), "found": len(found), "p5": p5, "median": p50, "p95": p95,
+                     "abs_lt_15": float((np.abs(found) < 15).mean()),
+                     "abs_ge_45": float((np.abs(found) >= 45).mean())}
+    return out
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"
+
+
+def _print_table(title: str, rows: list[Row]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+
+    def line(r: Row) -> str:
+        cells = zip(r, widths, strict=True)
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+
+    lines = [title, line(rows[0])]
+    lines.append("-" * len(lines[-1]))
+    lines += [line(r) for r in rows[1:]]
+    print("\n".join(lines))
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    model, card = load_checkpoint(args.checkpoint, device=device)
+    if card["arch"] != "frontalizer":
+        raise ValueError(f"{args.checkpoint} is a {card['arch']!r}, not a frontalizer")
+    size = model.cfg.image_size
+    cfp = load_cfp(args.data, size=size, cache_dir=args.cache_dir).split("eval")
+    if len(cfp) == 0:
+        raise ValueError(f"{args.data}: no evaluation ids (451-500)")
+    frontal, profile = cfp.subset(cfp.pose == 0), cfp.subset(cfp.pose != 0)
+    rows: list[Row] = [("metric", "without", "with frontaliser", "n")]
+    results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "steps_trained": card.get("steps_trained")}
+
+    p_idx, f_idx = pick_sheet_rows(cfp, args.sample_count)
+    sheet_fake = frontalize_faces(model, cfp.images[p_idx], out_size=size)
+    write_sheet(args.sheet, cfp.images[p_idx], sheet_fake, cfp.images[f_idx],
+                title=f"{args.checkpoint.name}, {card.get('steps_trained')} steps: CFP ids 451-500")
+    with torch.inference_mode():
+        pose_pred = model.pose_logits(model.preprocess(cfp.images)).argmax(1).cpu()
+    pose_acc = float((pose_pred == cfp.pose).float().mean())
+    results["cfp_pose_accuracy"] = pose_acc
+    rows.append(("CFP 451-500 D_p pose accuracy", _fmt(pose_acc), "", str(len(cfp))))
+
+    if not args.skip_identity:
+        ident = evaluate_identity(model, Path(cfp.source), frontal, profile, DlibEmbedder())
+        results["identity"] = ident
+        for name in ("FP fold 10", "all F x P pairs"):
+            e = ident[name]
+            n = f"{e['same']}+/{e['different']}-"
+            raw, fr = e["raw"], e["frontalised"]
+            rows.append((f"identity {name}: ROC AUC", _fmt(raw["auc"]), _fmt(fr["auc"]), n))
+            rows.append((f"identity {name}: TAR@FAR=1%", _fmt(raw["tar_at_far_1pct"]),
+                         _fmt(fr["tar_at_far_1pct"]), n))
+
+    detector = None
+    if not args.skip_fer or args.yaw_check:
+        from service.inference.detector import RetinaFaceDetector  # the serving detector
+
+        detector = RetinaFaceDetector.from_cache(score_threshold=0.5, max_side=320, device=device)
+    if not args.skip_fer:
+        from training.data.fer2013 import load_fer2013
+
+        classifier, ccard = load_checkpoint(args.classifier, device=device)
+        fer = load_fer2013(args.fer_data, cache_dir=args.cache_dir).split("PublicTest")
+        n = len(fer) if args.limit <= 0 else min(args.limit, len(fer))
+        # PublicTest is stored class by class: a prefix would hold only the first classes.
+        pick = torch.randperm(len(fer), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
+        faces, labels = fer.images[pick], fer.labels[pick]
+        landmarks = detect_fer_landmarks(faces.numpy(), detector)
+        res = evaluate_fer(model, classifier, faces, labels, landmarks)
+        k = min(args.sample_count, n)
+        write_sheet(args.fer_sheet, faces[:k], res.inputs[:k], res.frontalised[:k], scale=3,
+                    header=("FER original", "frontaliser input", "frontalised"),
+                    title="FER2013 PublicTest")
+        bins = {name: {"n": k, "acc": a, "acc_frontalised": b} for name, k, a, b in res.rows()}
+        results["fer"] = {"classifier": str(args.classifier), "classifier_arch": ccard["arch"],
+                          "split": "PublicTest", "faces": n, "sample_seed": args.seed,
+                          "agreement": res.agreement, "bins": bins,
+                          "frontalize_helps": [k for k, v in bins.items() if k != "all" and v["n"]
+                                               and v["acc_frontalised"] > v["acc"]]}
+        for name, k, a, b in res.rows():
+            label = "FER PublicTest accuracy" if name == "all" else f"  |yaw| {name}"
+            rows.append((label, _fmt(a), _fmt(b), str(k)))
+        rows.append(("FER agreement original vs frontalised", "", _fmt(res.agreement), str(n)))
+    if args.yaw_check:
+        yc = yaw_check(cfp, detector)
+        results["yaw_check"] = yc
+        for name, v in yc.items():
+            spread = f"{v['p5']:.0f}/{v['median']:.0f}/{v['p95']:.0f}"
+            rows.append((f"CFP {name} yaw p5/median/p95", spread, "", f"{v['found']}/{v['n']}"))
+
+    _print_table(f"\nFrontaliser {args.checkpoint} ({card.get('steps_trained')} steps); sheet {args.sheet}",
+                 rows)
+    out = args.output or Path(str(args.checkpoint) + "_eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    if args.update_card:
+        metrics = dict(card.get("metrics", {}))
+        keys = ("cfp_pose_accuracy", "identity")
+        metrics["CFP-eval-ids-451-500"] = {k: results[k] for k in keys if k in results}
+        if "fer" in results:
+            metrics["FER2013-PublicTest"] = results["fer"]
+        update_card(args.checkpoint, metrics=json.loads(json.dumps(metrics, default=float)))
+    return results
