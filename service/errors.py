@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.inference.batcher import BatcherStoppedError, QueueFullError
 from service.inference.decode import ImageError
+from service.inference.pipeline import FrontalizerUnavailableError
 
 __all__ = ["ApiError", "error_response", "install_error_handlers"]
 
@@ -62,6 +63,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _stopping(request: Request, exc: BatcherStoppedError) -> JSONResponse:
         _record(request, "shutting_down")
         return error_response(503, "shutting_down", str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(FrontalizerUnavailableError)
+    async def _no_frontalizer(request: Request, exc: FrontalizerUnavailableError) -> JSONResponse:
+        _record(request, "frontalizer_not_loaded")
+        return error_response(501, "frontalizer_not_loaded", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

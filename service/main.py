@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import detect, health, predict
+from service.api import detect, frontalize, health, predict
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.inference.pipeline import InferenceEngine
@@ -33,6 +33,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for clf in engine.classifiers.values():
             metrics.model_info.labels(name=clf.name, arch=clf.arch, version=clf.version,
                                       role=clf.role).set(1)
+        if engine.frontalizer is not None:
+            info = engine.frontalizer.describe()
+            metrics.model_info.labels(name="frontalizer", arch=info["arch"], version=info["version"],
+                                      role="frontalizer").set(1)
         for name in engine.queue_depths():
             metrics.queue_capacity.labels(model=name).set(settings.max_queue)
         metrics.ready.set(1)
@@ -76,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(detect.router)
     app.include_router(predict.router)
+    app.include_router(frontalize.router)
     return app
 
 

@@ -13,6 +13,8 @@ __all__ = [
     "DetectResponse",
     "FaceDetection",
     "FacePrediction",
+    "FrontalFace",
+    "FrontalizeResponse",
     "ImageInfo",
     "ModelInfo",
     "ModelsResponse",
@@ -39,9 +41,25 @@ class FaceDetection(BaseModel):
                          "image-left mouth corner, image-right mouth corner")
 
 
+    yaw: float | None = Field(
+        None, description="estimated head yaw in degrees from the landmarks (+ = nose towards the "
+                          "image's right); null without landmarks")
+
+
 class FacePrediction(FaceDetection):
     emotions: dict[str, float] = Field(..., description="probability per class, summing to 1")
     dominant: str
+    frontalized: bool = Field(False, description="classified after GAN frontalisation")
+
+
+class FrontalFace(FaceDetection):
+    image_png: str = Field(..., description="the frontalised grayscale face, base64 PNG")
+
+
+class FrontalizeResponse(BaseModel):
+    image: ImageInfo
+    model: ModelRef
+    faces: list[FrontalFace]
 
 
 class ModelRef(BaseModel):

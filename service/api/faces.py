@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.inference.detector import Detection
+from service.inference.pipeline import FaceResult, face_yaw
 from service.schemas import FaceDetection, FacePrediction
 
 __all__ = ["detection_out", "prediction_out"]
@@ -12,11 +13,12 @@ __all__ = ["detection_out", "prediction_out"]
 
 def detection_out(d: Detection) -> FaceDetection:
     return FaceDetection(box=[round(float(v), 2) for v in d.box], score=round(float(d.score), 4),
-                         landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in d.landmarks])
+                         landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in d.landmarks],
+                         yaw=face_yaw(d))
 
 
-def prediction_out(d: Detection, probs: np.ndarray, class_names: tuple[str, ...]) -> FacePrediction:
-    emotions = {name: round(float(p), 5) for name, p in zip(class_names, probs, strict=True)}
-    base = detection_out(d)
-    return FacePrediction(**base.model_dump(), emotions=emotions,
-                          dominant=class_names[int(np.argmax(probs))])
+def prediction_out(r: FaceResult, class_names: tuple[str, ...]) -> FacePrediction:
+    emotions = {name: round(float(p), 5) for name, p in zip(class_names, r.probs, strict=True)}
+    base = detection_out(r.detection)
+    return FacePrediction(**base.model_dump(), emotions=emotions, frontalized=r.frontalized,
+                          dominant=class_names[int(np.argmax(r.probs))])

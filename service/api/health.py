@@ -36,4 +36,7 @@ async def metrics(engine: EngineDep, m: MetricsDep) -> Response:
 
 @router.get("/models", response_model=ModelsResponse, summary="Loaded models and their cards")
 async def models(engine: EngineDep) -> ModelsResponse:
-    return ModelsResponse(models=[ModelInfo(**c.describe()) for c in engine.classifiers.values()])
+    infos = [c.describe() for c in engine.classifiers.values()]
+    if engine.frontalizer is not None:
+        infos.append(engine.frontalizer.describe())
+    return ModelsResponse(models=[ModelInfo(**i) for i in infos])

@@ -14,7 +14,7 @@ from service.config import Settings
 from service.deps import MetricsDep, ReadyEngineDep, SettingsDep, require_api_key
 from service.errors import ApiError
 from service.inference.decode import ImageError
-from service.inference.pipeline import InferenceEngine
+from service.inference.pipeline import FrontalizeMode, InferenceEngine
 from service.metrics import Metrics
 from service.schemas import BatchItem, BatchPredictResponse, ErrorBody, ImageInfo, ModelRef, PredictResponse
 
@@ -25,13 +25,14 @@ ModelName = Literal["default", "ensemble"]
 
 async def _predict_image(
     image: np.ndarray, engine: InferenceEngine, metrics: Metrics, settings: Settings, *,
-    model: str, tta: bool | None, max_faces: int | None, detect: bool,
+    model: str, tta: bool | None, max_faces: int | None, detect: bool, frontalize: FrontalizeMode,
 ) -> PredictResponse:
     if model not in engine.classifiers:
         raise ApiError(400, "unknown_model",
                        f"model {model!r} is not loaded; available: {', '.join(engine.classifiers)}")
     use_tta = settings.tta if tta is None else tta
-    results = await engine.predict(image, model=model, tta=use_tta, max_faces=max_faces, detect=detect)
+    results = await engine.predict(image, model=model, tta=use_tta, max_faces=max_faces, detect=detect,
+                                   frontalize=frontalize)
     if detect:
         metrics.faces.observe(len(results))
     clf = engine.classifier(model)
@@ -40,7 +41,7 @@ async def _predict_image(
         image=ImageInfo(width=w, height=h),
         model=ModelRef(name=model, version=clf.version, arch=clf.arch),
         tta=use_tta,
-        faces=[prediction_out(r.detection, r.probs, clf.class_names) for r in results],
+        faces=[prediction_out(r, clf.class_names) for r in results],
     )
 
 
@@ -52,11 +53,14 @@ async def predict(
     tta: Annotated[bool | None, Query(description="10-crop TTA; default from settings")] = None,
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
     detect: Annotated[bool, Query(description="false: the image is one face crop")] = True,
+    frontalize: Annotated[FrontalizeMode, Query(
+        description="auto: frontalise turned faces where the frontaliser's evaluation says it helps")
+    ] = FrontalizeMode.AUTO,
 ) -> PredictResponse:
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
     return await _predict_image(image, engine, metrics, settings, model=model, tta=tta,
-                                max_faces=max_faces, detect=detect)
+                                max_faces=max_faces, detect=detect, frontalize=frontalize)
 
 
 @router.post("/predict/batch", response_model=BatchPredictResponse,
@@ -67,6 +71,7 @@ async def predict_batch(
     tta: bool | None = None,
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
     detect: bool = True,
+    frontalize: FrontalizeMode = FrontalizeMode.AUTO,
 ) -> BatchPredictResponse:
     uploads = await read_uploads(request, settings, many=True)
 
@@ -77,7 +82,7 @@ async def predict_batch(
             metrics.errors.labels(kind=e.code).inc()
             return BatchItem(filename=upload.filename, error=ErrorBody(code=e.code, message=e.message))
         result = await _predict_image(image, engine, metrics, settings, model=model, tta=tta,
-                                      max_faces=max_faces, detect=detect)
+                                      max_faces=max_faces, detect=detect, frontalize=frontalize)
         return BatchItem(filename=upload.filename, result=result)
 
     return BatchPredictResponse(results=list(await asyncio.gather(*(one(u) for u in uploads))))

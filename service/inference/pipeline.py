@@ -8,19 +8,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from service.config import Settings
+from service.config import DEFAULT_CHECKPOINTS, Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
 from service.inference.classifier import Classifier, FaceJob
 from service.inference.detector import Detection, RetinaFaceDetector
+from service.inference.frontalizer import FrontalizerModel
 from training.data.align import align_face, resize_face
+from training.data.pose import estimate_yaw
+from training.data.pose_framing import align_pose_face
 from training.runtime import resolve_device
 
-__all__ = ["FaceResult", "InferenceEngine", "UnknownModelError"]
+__all__ = [
+    "FaceResult",
+    "FrontalizeMode",
+    "FrontalizerUnavailableError",
+    "InferenceEngine",
+    "UnknownModelError",
+    "face_yaw",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +40,32 @@ class UnknownModelError(KeyError):
     """A request named a model that is not loaded."""
 
 
+def face_yaw(face: Detection) -> float | None:
+    """Estimated yaw in degrees from the five landmarks (+ = nose towards the image's right)."""
+    if len(face.landmarks) != 5:
+        return None
+    yaw = float(estimate_yaw(np.asarray(face.landmarks, dtype=np.float64)))
+    return None if np.isnan(yaw) else round(yaw, 1)
+
+
+class FrontalizerUnavailableError(RuntimeError):
+    """Frontalising was asked for but no frontaliser checkpoint is loaded."""
+
+
+class FrontalizeMode(StrEnum):
+    """When ``/predict`` frontalises a face before classifying it."""
+
+    AUTO = "auto"  # only where |yaw| >= frontalize_min_yaw and the card says it helps there
+    ON = "on"
+    OFF = "off"
+
+
 @dataclass(frozen=True, slots=True)
 class FaceResult:
     detection: Detection
     probs: np.ndarray | None = None
+    yaw: float | None = None
+    frontalized: bool = False
 
 
 class InferenceEngine:
@@ -44,6 +77,7 @@ class InferenceEngine:
         self.device = resolve_device(settings.device)
         self.detector: RetinaFaceDetector | None = None
         self.classifiers: dict[str, Classifier] = {}
+        self.frontalizer: FrontalizerModel | None = None
         self._batchers: dict[str, DynamicBatcher] = {}
         self.ready = False
 
@@ -61,6 +95,10 @@ class InferenceEngine:
             self._batchers[name] = DynamicBatcher(
                 clf, name=name, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
                 max_queue=s.max_queue, observer=self.observer)
+        if self.frontalizer is not None:
+            self._batchers["frontalizer"] = DynamicBatcher(
+                self.frontalizer, name="frontalizer", max_batch_size=s.max_batch_size,
+                max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, observer=self.observer)
         for b in self._batchers.values():
             await b.start()
         if s.warmup:
@@ -87,6 +125,11 @@ class InferenceEngine:
         if s.ensemble_checkpoint is not None:
             self.classifiers["ensemble"] = Classifier(
                 Path(s.ensemble_checkpoint), name="ensemble", role="ensemble", device=self.device)
+        frontalizer = s.frontalizer_checkpoint
+        if frontalizer is None and (DEFAULT_CHECKPOINTS / "frontalizer.safetensors").is_file():
+            frontalizer = DEFAULT_CHECKPOINTS / "frontalizer.safetensors"
+        if frontalizer is not None:
+            self.frontalizer = FrontalizerModel(Path(frontalizer), device=self.device)
 
     async def _warmup(self) -> None:
         blank = np.full((240, 320, 3), 127, dtype=np.uint8)
@@ -94,6 +137,9 @@ class InferenceEngine:
         for name, clf in self.classifiers.items():
             crop = np.full((clf.cfg.image_size,) * 2, 127, dtype=np.uint8)
             await self._batchers[name].submit_many([FaceJob(crop), FaceJob(crop, tta=True)])
+        if self.frontalizer is not None:
+            size = self.frontalizer.size
+            await self._batchers["frontalizer"].submit(np.full((size, size), 127, dtype=np.uint8))
 
     # model calls -------------------------------------------------------------------------
     def _detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
@@ -119,20 +165,55 @@ class InferenceEngine:
             return []
         return await self._batchers[model].submit_many([FaceJob(c, tta) for c in crops])
 
+    async def frontalize(self, image: np.ndarray, faces: list[Detection]) -> list[np.ndarray]:
+        """Frontal uint8 faces (the frontaliser's size) for detected ``faces`` of ``image``."""
+        if self.frontalizer is None:
+            raise FrontalizerUnavailableError(
+                "no frontaliser is loaded; set FER_FRONTALIZER_CHECKPOINT to a trained checkpoint")
+        size = self.frontalizer.size
+        crops = [align_pose_face(image, np.asarray(f.landmarks), size=size) for f in faces]
+        if not crops:
+            return []
+        return await self._batchers["frontalizer"].submit_many(crops)
+
+    def _wants_frontal(self, mode: FrontalizeMode, yaw: float | None) -> bool:
+        if mode is FrontalizeMode.OFF or yaw is None:
+            return False
+        if self.frontalizer is None:
+            if mode is FrontalizeMode.ON:
+                raise FrontalizerUnavailableError(
+                    "frontalize=on needs a frontaliser; set FER_FRONTALIZER_CHECKPOINT")
+            return False
+        if mode is FrontalizeMode.ON:
+            return True
+        return abs(yaw) >= self.settings.frontalize_min_yaw and self.frontalizer.helps_at(yaw)
+
     async def predict(self, image: np.ndarray, *, model: str, tta: bool, max_faces: int | None,
-                      detect: bool = True) -> list[FaceResult]:
-        """Detect, align and classify every face; ``detect=False`` takes the image as one face."""
+                      detect: bool = True, frontalize: FrontalizeMode = FrontalizeMode.AUTO,
+                      ) -> list[FaceResult]:
+        """Detect, align and classify every face; ``detect=False`` takes the image as one face.
+
+        Faces that ``frontalize`` selects (see :class:`FrontalizeMode`) are frontalised first
+        and the frontal face, resized to the classifier's input, is what gets classified.
+        """
         clf = self.classifier(model)
         size = clf.cfg.image_size
-        if detect:
-            faces = await self.detect(image, max_faces=max_faces)
-            crops = [align_face(image, np.asarray(f.landmarks), size=size) for f in faces]
-        else:
+        if not detect:
             h, w = image.shape[:2]
-            faces = [Detection(box=(0.0, 0.0, float(w), float(h)), score=1.0, landmarks=[])]
-            crops = [resize_face(image, size=size)]
+            face = Detection(box=(0.0, 0.0, float(w), float(h)), score=1.0, landmarks=[])
+            (probs,) = await self.classify([resize_face(image, size=size)], model=model, tta=tta)
+            return [FaceResult(face, probs)]
+        faces = await self.detect(image, max_faces=max_faces)
+        yaws = [face_yaw(f) for f in faces]
+        frontal = [self._wants_frontal(frontalize, y) for y in yaws]
+        crops = [align_face(image, np.asarray(f.landmarks), size=size) for f in faces]
+        chosen = [i for i, want in enumerate(frontal) if want]
+        if chosen:
+            frontal_faces = await self.frontalize(image, [faces[i] for i in chosen])
+            for i, fz in zip(chosen, frontal_faces, strict=True):
+                crops[i] = resize_face(fz, size=size)
         probs = await self.classify(crops, model=model, tta=tta)
-        return [FaceResult(f, p) for f, p in zip(faces, probs, strict=True)]
+        return [FaceResult(f, p, y, fr) for f, p, y, fr in zip(faces, probs, yaws, frontal, strict=True)]
 
     def queue_depths(self) -> dict[str, int]:
         return {name: b.queue_depth for name, b in self._batchers.items()}

@@ -1,0 +1,52 @@
+"""POST /frontalize: every detected face re-rendered frontally by the GAN frontaliser."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from service.api.faces import detection_out
+from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, read_uploads
+from service.deps import MetricsDep, ReadyEngineDep, SettingsDep, require_api_key
+from service.errors import ApiError
+from service.inference.decode import encode_png
+from service.inference.pipeline import FrontalizerUnavailableError
+from service.schemas import FrontalFace, FrontalizeResponse, ImageInfo, ModelRef
+
+router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/frontalize", response_model=FrontalizeResponse, openapi_extra=IMAGE_REQUEST_BODY,
+             responses={200: {"content": {"image/png": {}}}},
+             summary="Frontalised face crops (JSON with base64 PNGs, or ?format=png for one face)")
+async def frontalize(
+    request: Request, engine: ReadyEngineDep, settings: SettingsDep, metrics: MetricsDep,
+    format: Literal["json", "png"] = "json",
+    face: Annotated[int, Query(ge=0, description="which face (best first) for format=png")] = 0,
+    max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
+) -> FrontalizeResponse | Response:
+    if engine.frontalizer is None:
+        raise FrontalizerUnavailableError(
+            "no frontaliser is loaded; set FER_FRONTALIZER_CHECKPOINT to a trained checkpoint")
+    (upload,) = await read_uploads(request, settings)
+    image = await decode_upload(upload, settings)
+    faces = await engine.detect(image, max_faces=max_faces)
+    metrics.faces.observe(len(faces))
+    if format == "png":
+        if face >= len(faces):
+            raise ApiError(422, "no_face", f"face {face} requested but {len(faces)} face(s) detected")
+        (frontal,) = await engine.frontalize(image, [faces[face]])
+        return Response(await asyncio.to_thread(encode_png, frontal), media_type="image/png")
+    frontals = await engine.frontalize(image, faces)
+    pngs = await asyncio.to_thread(lambda: [encode_png(f) for f in frontals])
+    h, w = image.shape[:2]
+    fz = engine.frontalizer
+    return FrontalizeResponse(
+        image=ImageInfo(width=w, height=h),
+        model=ModelRef(name="frontalizer", version=fz.version, arch=str(fz.card["arch"])),
+        faces=[FrontalFace(**detection_out(d).model_dump(), image_png=base64.b64encode(p).decode())
+               for d, p in zip(faces, pngs, strict=True)],
+    )
