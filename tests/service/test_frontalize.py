@@ -31,7 +31,7 @@ def _frontalizer(path: Path, helps: list[str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def frontal_client(make_settings, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001
+def frontal_client(make_settings, tmp_path_factory: pytest.TempPathFactory):
     """The frontaliser's card says it helps at every yaw; auto applies from 0 degrees."""
     ckpt = _frontalizer(tmp_path_factory.mktemp("fz") / "fz", ["<15°", "15-30°", "30-45°", ">=45°"])
     with TestClient(create_app(make_settings(frontalizer_checkpoint=ckpt, frontalize_min_yaw=0))) as c:
@@ -83,7 +83,7 @@ def test_predict_frontalize_modes(frontal_client: TestClient, face_jpeg: bytes) 
     assert names == ["default", "frontalizer"]
 
 
-def test_auto_only_where_the_card_says_it_helps(make_settings, tmp_path: Path,  # noqa: ANN001
+def test_auto_only_where_the_card_says_it_helps(make_settings, tmp_path: Path,
                                                 face_jpeg: bytes) -> None:
     ckpt = _frontalizer(tmp_path / "fz", [">=45°"])
     with TestClient(create_app(make_settings(frontalizer_checkpoint=ckpt, frontalize_min_yaw=0))) as c:
