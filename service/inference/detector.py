@@ -5,12 +5,12 @@ Usage::
     detector = RetinaFaceDetector.from_cache(cache_dir)       # converts the weights once
     faces = detector.detect([rgb_a, rgb_b])                   # list[list[Detection]]
 
-Images of different sizes run as one batch: each is resized so its long side is at most
-``max_side``, the batch is zero-padded (zero is the training mean, i.e. the mean colour) to a
-common size rounded up to a multiple of 32, and priors are generated for the padded size. The
-images are placed top-left, so decoded coordinates need no shift; detections whose centre lies
-in an image's padding are dropped, boxes are clipped to the image, and everything is scaled
-back to the original pixels.
+Images are resized so their long side is at most ``max_side``; images whose sizes, rounded up
+to a multiple of 32, agree run as one batch (zero-padded, zero being the training mean, i.e.
+the mean colour), and other sizes run as their own sub-batches, so a small image never pays for
+a large one's padding. Priors are generated for the padded size. Images are placed top-left,
+so decoded coordinates need no shift; detections whose centre lies in an image's padding are
+dropped, boxes are clipped to the image, and everything is scaled back to the original pixels.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ __all__ = ["Detection", "DetectorWeightsError", "RetinaFaceDetector"]
 log = logging.getLogger(__name__)
 
 _ALIGN = 32  # the coarsest stride; padding to a multiple keeps every level's grid exact
+
+
+def _padded_size(image: np.ndarray) -> tuple[int, int]:
+    """(H, W) rounded up to a multiple of the coarsest stride."""
+    h, w = image.shape[:2]
+    return -(-h // _ALIGN) * _ALIGN, -(-w // _ALIGN) * _ALIGN
 
 
 class DetectorWeightsError(RuntimeError):
@@ -134,19 +140,25 @@ class RetinaFaceDetector:
         if not images:
             return []
         prepared = [self._resize(_check_image(image, n)) for n, image in enumerate(images)]
-        resized = [image for image, _ in prepared]
-        scales = [scale for _, scale in prepared]
+        # Images whose padded sizes differ run as separate sub-batches, so a small image is
+        # never padded up to a large one (that would multiply its cost on CPU).
+        groups: dict[tuple[int, int], list[int]] = {}
+        for n, (img, _) in enumerate(prepared):
+            groups.setdefault(_padded_size(img), []).append(n)
+        results: list[list[Detection]] = [[] for _ in images]
         with torch.inference_mode():
-            batch = self._batch(resized)
-            loc, conf, landm = self.net(batch)
-            priors = prior_boxes(batch.shape[2], batch.shape[3], device=self.device)
-            boxes = decode_boxes(loc, priors)
-            points = decode_landmarks(landm, priors)
-            scores = conf[..., 1]
-            return [
-                self._select(boxes[i], scores[i], points[i], img.shape[:2], scales[i], orig)
-                for i, (img, orig) in enumerate(zip(resized, images, strict=True))
-            ]
+            for members in groups.values():
+                resized = [prepared[n][0] for n in members]
+                batch = self._batch(resized)
+                loc, conf, landm = self.net(batch)
+                priors = prior_boxes(batch.shape[2], batch.shape[3], device=self.device)
+                boxes = decode_boxes(loc, priors)
+                points = decode_landmarks(landm, priors)
+                scores = conf[..., 1]
+                for i, n in enumerate(members):
+                    results[n] = self._select(boxes[i], scores[i], points[i], prepared[n][0].shape[:2],
+                                              prepared[n][1], images[n])
+        return results
 
     def _resize(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
         """Downscale so the long side is at most ``max_side``; return (image, (sx, sy))."""
@@ -164,8 +176,8 @@ class RetinaFaceDetector:
         The batch is built as NHWC and returned as an NCHW view, i.e. channels-last memory,
         which is the faster layout for this network's depthwise convolutions.
         """
-        height = -(-max(i.shape[0] for i in images) // _ALIGN) * _ALIGN
-        width = -(-max(i.shape[1] for i in images) // _ALIGN) * _ALIGN
+        height = max(_padded_size(i)[0] for i in images)
+        width = max(_padded_size(i)[1] for i in images)
         batch = torch.zeros(len(images), height, width, 3, device=self.device)
         for n, img in enumerate(images):
             rgb = torch.from_numpy(np.ascontiguousarray(img)).to(self.device)
