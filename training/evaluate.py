@@ -38,6 +38,7 @@ def get_eval_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA, help="FER2013 image folder or fer2013.csv")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--split", choices=SPLITS, default="PublicTest")
+    p.add_argument("--skip-bad", action="store_true", help="skip corrupt images (counted in a warning)")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="write report JSON and confusion PNG here")
     p.add_argument("--batch-size", type=int, default=256)
@@ -70,7 +71,8 @@ def eval_main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
     model, name = load_model(args.checkpoints, device)
-    data = _split(load_fer2013(args.data, cache_dir=args.cache_dir), args.split, args.limit)
+    data = _split(load_fer2013(args.data, cache_dir=args.cache_dir, skip_bad=args.skip_bad), args.split,
+                  args.limit)
     one = evaluate(model, data.images, data.labels, batch_size=args.batch_size, amp_dtype=amp_dtype)
     ten = evaluate(model, data.images, data.labels, tta=True, batch_size=args.batch_size,
                    amp_dtype=amp_dtype)

@@ -52,6 +52,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--model", default="compact_resnet", help=f"one of {list_models()}")
     p.add_argument("--data", default=DEFAULT_DATA, help="FER2013 image folder or fer2013.csv")
     p.add_argument("--cache-dir", type=Path, default=None, help="decoded-dataset cache folder")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip corrupt or malformed images (counted in a warning) instead of failing")
     p.add_argument("--output-dir", type=Path, default=None, help="default: runs/<model>")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=128)
@@ -155,7 +157,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     amp_dtype = resolve_amp(args.amp, device)
     generator = seed_everything(args.seed)
 
-    data = load_fer2013(args.data, cache_dir=args.cache_dir)
+    data = load_fer2013(args.data, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
     train = _limit(data.split("Training"), args.train_limit, args.seed)
     val = _limit(selection_split(data), args.val_limit, args.seed)
     log.info("data %s: %d training, %d %s images; device %s, amp %s", args.data, len(train),

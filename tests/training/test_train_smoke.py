@@ -160,3 +160,15 @@ def test_ckplus_cross_validation_runs_per_subject(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
     assert summary["folds"] == 3 and len(summary["fold_acc"]) == 3
     assert 0 <= summary["mean_acc"] <= 1 and summary["std_acc"] >= 0
+
+
+def test_bad_image_fails_by_name_or_is_skipped_on_request(tmp_path: Path,
+                                                          make_fer_folder: Callable[..., Path]) -> None:
+    root = make_fer_folder(per_class_train=3, per_class_test=2)
+    bad = root / "train" / "happy" / "Training_999999.png"
+    bad.write_bytes(b"not a png")
+    common = ["--epochs", "1", "--batch-size", "8"]
+    assert _train(root, tmp_path / "strict", tmp_path / "cache", *common) == 2
+    assert not (tmp_path / "strict" / "best.safetensors").exists()
+    assert _train(root, tmp_path / "lenient", tmp_path / "cache", *common, "--skip-bad") == 0
+    assert (tmp_path / "lenient" / "best.safetensors").is_file()
