@@ -14,7 +14,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["FER_TEMPLATE_48", "align_face", "resize_face", "similarity_transform", "template_for"]
+__all__ = ["FER_TEMPLATE_48", "align_face", "resize_face", "similarity_transform", "template_for",
+           "warp_face"]
 
 #: Median (x, y) of the 5 landmarks in FER2013 48x48 Training crops (see module docstring).
 FER_TEMPLATE_48 = np.array(
@@ -64,16 +65,25 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, *, size: int = 48,
     are filled by replicating the border, like a tight photo crop would look.
     """
     matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64), template_for(size))
+    return warp_face(image, matrix, size=size, gray=gray)
+
+
+def warp_face(image: np.ndarray, matrix: np.ndarray, *, size: int, gray: bool = True) -> np.ndarray:
+    """Warp ``image`` (RGB HxWx3 or gray HxW uint8) with a 2x3 ``matrix`` into a ``size`` square.
+
+    The one warp every face crop goes through (classifier alignment and frontaliser framing).
+    Large shrink factors are first done with area averaging so the crop does not alias
+    (``warpAffine`` has no area mode); outside the photo the border is replicated, as a tight
+    photo crop would look.
+    """
     if gray and image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    # INTER_AREA is not supported by warpAffine; pre-shrink big faces so bilinear does not alias.
+    matrix = np.asarray(matrix, dtype=np.float64).copy()
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
     if scale < 0.5:
         factor = 0.5 / scale
-        small = cv2.resize(image, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
-        matrix = matrix.copy()
+        image = cv2.resize(image, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
         matrix[:, :2] *= factor
-        image = small
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)
 

@@ -41,8 +41,9 @@ from torch import Tensor
 
 from training.data._cache import default_cache_dir, metadata_key
 from training.data._images import decode_gray
+from training.data.align import warp_face
 from training.data.dataset import DatasetError
-from training.data.pose_framing import FaceAnchors, pose_framing_matrix, warp_face
+from training.data.pose_framing import FaceAnchors, pose_framing_matrix
 
 __all__ = [
     "CFP_CACHE_VERSION",

@@ -25,10 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
-from training.data.align import FER_TEMPLATE_48
+from training.data.align import FER_TEMPLATE_48, warp_face
 from training.data.pose import estimate_yaw
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "align_pose_face",
     "anchors_from_landmarks5",
     "pose_framing_matrix",
-    "warp_face",
 ]
 
 #: Template positions as fractions of the crop side (from the FER template).
@@ -83,24 +81,6 @@ def pose_framing_matrix(anchors: FaceAnchors, *, yaw: float, size: int) -> np.nd
     tx = x_nose - s * nose[0]
     ty = y_mid - s * (eye[1] + mouth[1]) / 2
     return np.array([[s, 0.0, tx], [0.0, s, ty]], dtype=np.float64)
-
-
-def warp_face(image: np.ndarray, matrix: np.ndarray, *, size: int, gray: bool = True) -> np.ndarray:
-    """Warp ``image`` (RGB HxWx3 or gray HxW uint8) with ``matrix`` into a ``size`` square.
-
-    Large shrink factors are first done with area averaging so the crop does not alias;
-    outside the photo the border is replicated (as :func:`training.data.align.align_face`).
-    """
-    if gray and image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    matrix = np.asarray(matrix, dtype=np.float64).copy()
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
-    if scale < 0.5:
-        factor = 0.5 / scale
-        image = cv2.resize(image, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
-        matrix[:, :2] *= factor
-    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
 
 
 def align_pose_face(image: np.ndarray, landmarks: np.ndarray, *, size: int = 64,
