@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,14 @@ log = logging.getLogger(__name__)
 
 class UnknownModelError(KeyError):
     """A request named a model that is not loaded."""
+
+
+def _configured_or_shipped(configured: Path | None, name: str, *, use_shipped: bool) -> Path | None:
+    """An optional model's checkpoint: the configured path, else ``checkpoints/<name>`` if shipped."""
+    if configured is not None:
+        return Path(configured)
+    shipped = DEFAULT_CHECKPOINTS / f"{name}.safetensors"
+    return shipped if use_shipped and shipped.is_file() else None
 
 
 def face_yaw(face: Detection) -> float | None:
@@ -88,17 +97,14 @@ class InferenceEngine:
             torch.set_num_threads(self.settings.torch_threads)
         await asyncio.to_thread(self._load)
         s = self.settings
-        self._batchers["detector"] = DynamicBatcher(
-            self._detect_batch, name="detector", max_batch_size=s.detector_batch_size,
-            max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, observer=self.observer)
-        for name, clf in self.classifiers.items():
-            self._batchers[name] = DynamicBatcher(
-                clf, name=name, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-                max_queue=s.max_queue, observer=self.observer)
+        models: dict[str, Any] = {"detector": self._detect_batch, **self.classifiers}
         if self.frontalizer is not None:
-            self._batchers["frontalizer"] = DynamicBatcher(
-                self.frontalizer, name="frontalizer", max_batch_size=s.max_batch_size,
-                max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, observer=self.observer)
+            models["frontalizer"] = self.frontalizer
+        for name, fn in models.items():
+            self._batchers[name] = DynamicBatcher(
+                fn, name=name, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
+                max_batch_size=s.detector_batch_size if name == "detector" else s.max_batch_size,
+                observer=self.observer)
         for b in self._batchers.values():
             await b.start()
         if s.warmup:
@@ -122,12 +128,13 @@ class InferenceEngine:
             self.detector = RetinaFaceDetector.from_cache(s.cache_dir, **kwargs)
         self.classifiers["default"] = Classifier(
             Path(s.classifier_checkpoint), name="default", role="default", device=self.device)
-        if s.ensemble_checkpoint is not None:
+        ensemble = _configured_or_shipped(s.ensemble_checkpoint, "ensemble",
+                                          use_shipped=s.use_shipped_extras)
+        if ensemble is not None:
             self.classifiers["ensemble"] = Classifier(
-                Path(s.ensemble_checkpoint), name="ensemble", role="ensemble", device=self.device)
-        frontalizer = s.frontalizer_checkpoint
-        if frontalizer is None and (DEFAULT_CHECKPOINTS / "frontalizer.safetensors").is_file():
-            frontalizer = DEFAULT_CHECKPOINTS / "frontalizer.safetensors"
+                ensemble, name="ensemble", role="ensemble", device=self.device)
+        frontalizer = _configured_or_shipped(s.frontalizer_checkpoint, "frontalizer",
+                                             use_shipped=s.use_shipped_extras)
         if frontalizer is not None:
             self.frontalizer = FrontalizerModel(Path(frontalizer), device=self.device)
 

@@ -81,7 +81,7 @@ def make_settings(detector_weights: Path, tiny_checkpoint: Path):
 
     def make(**overrides: object) -> Settings:
         base = dict(classifier_checkpoint=tiny_checkpoint, detector_weights=detector_weights,
-                    device="cpu", max_wait_ms=2.0)
+                    device="cpu", max_wait_ms=2.0, use_shipped_extras=False)
         return Settings(**{**base, **overrides})
 
     return make
