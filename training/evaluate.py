@@ -21,7 +21,7 @@ from training.data.fer2013 import load_fer2013
 from training.engine import evaluate, predict_probs
 from training.metrics import classification_report
 from training.plots import plot_confusion_matrix
-from training.runtime import AMP_CHOICES, resolve_amp, resolve_device
+from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, resolved_args
 from training.train_classifier import DEFAULT_DATA, SELECTION_SPLIT, selection_split
 
 __all__ = ["ensemble_main", "eval_main", "get_ensemble_parser", "get_eval_parser", "load_model"]
@@ -114,17 +114,19 @@ def get_ensemble_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def ensemble_main(args: argparse.Namespace) -> dict[str, Any]:
     """Fit (or average) member weights on PublicTest and save the ensemble checkpoint."""
-    from training.models.ensemble import ensemble_from_checkpoints, fit_ensemble_weights
+    from training.models.ensemble import SoftVotingEnsemble, ensemble_from_checkpoints, fit_ensemble_weights
 
     device = resolve_device(args.device)
-    val = selection_split(load_fer2013(args.data, cache_dir=args.cache_dir))
-    members = [load_checkpoint(p, device=device)[0] for p in args.members]
+    data = load_fer2013(args.data, cache_dir=args.cache_dir)
+    val = selection_split(data)
+    plain = ensemble_from_checkpoints(args.members, device=device)  # each member loaded once
+    members = list(plain.members)
     probs = torch.stack([predict_probs(m, val.images, tta=args.tta) for m in members])
     member_acc = [(p.argmax(1) == val.labels).float().mean().item() for p in probs]
     weights = None
     if args.weights == "fit":
         weights = fit_ensemble_weights(probs, val.labels).tolist()
-    model = ensemble_from_checkpoints(args.members, weights=weights).to(device)
+    model = SoftVotingEnsemble(members, weights=weights, specs=plain.specs).to(device).eval()
     avg = probs.mean(0)
     fitted = (probs * torch.tensor(weights or [1 / len(members)] * len(members)).view(-1, 1, 1)).sum(0)
     metrics = {SELECTION_SPLIT: {
@@ -136,6 +138,6 @@ def ensemble_main(args: argparse.Namespace) -> dict[str, Any]:
     }}
     save_checkpoint(args.output, model, arch="ensemble", model_kwargs=model.model_kwargs,
                     metrics=metrics, half=args.half,
-                    data_fingerprint=None, train_args={k: str(v) for k, v in vars(args).items()})
+                    data_fingerprint=data.fingerprint, train_args=resolved_args(args))
     log.info("ensemble of %d saved to %s: %s", len(members), args.output, metrics[SELECTION_SPLIT])
     return metrics

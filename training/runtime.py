@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import random
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["autocast", "resolve_amp", "resolve_device", "seed_everything"]
+__all__ = ["autocast", "resolve_amp", "resolve_device", "resolved_args", "seed_everything"]
 
 log = logging.getLogger(__name__)
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -65,3 +68,13 @@ def seed_everything(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def resolved_args(args: argparse.Namespace) -> dict[str, Any]:
+    """A command's resolved arguments as JSON-ready values (the CLI's dispatch entries dropped)."""
+
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
+
+    return {k: plain(v) for k, v in vars(args).items()
+            if not callable(v) and k not in {"command", "verbose"}}

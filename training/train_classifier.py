@@ -27,7 +27,7 @@ from training.engine import Distillation, evaluate, train_one_epoch
 from training.metrics import classification_report
 from training.models import create_model, list_models
 from training.plots import plot_confusion_matrix, plot_training_curves
-from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, seed_everything
+from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, resolved_args, seed_everything
 from training.train_state import load_train_state, save_train_state
 
 __all__ = ["SELECTION_SPLIT", "get_args_parser", "main", "selection_split"]
@@ -141,12 +141,6 @@ def _limit(ds: FaceDataset, n: int, seed: int) -> FaceDataset:
     return ds.subset(torch.randperm(len(ds), generator=g)[:n].sort().values)
 
 
-def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """The resolved arguments as JSON-ready values (the CLI's dispatch entries dropped)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-            if not callable(v) and k not in {"command", "verbose"}}
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run training; return the best checkpoint's card metrics."""
     if args.threads > 0:
@@ -202,9 +196,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log.warning("--resume given but %s has no last checkpoint; starting fresh", out)
     if start_epoch == 0:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "args.json").write_text(json.dumps(_args_dict(args), indent=2) + "\n")
+    (out / "args.json").write_text(json.dumps(resolved_args(args), indent=2) + "\n")
 
-    card_args = _args_dict(args)
+    card_args = resolved_args(args)
     run_start = time.perf_counter()
     end_epoch = args.epochs
     if args.epoch_budget > 0:

@@ -32,7 +32,7 @@ from training.gan.networks import Decoder, Discriminator, Encoder
 from training.gan.recipe import GanNets, GanRecipe
 from training.gan.sampling import PairSampler, to_unit
 from training.gan.sheets import pick_sheet_rows, write_sheet
-from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, seed_everything
+from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, resolved_args, seed_everything
 from training.train_state import load_train_state, save_train_state
 
 __all__ = ["build_nets", "get_args_parser", "inference_model", "main"]
@@ -106,17 +106,12 @@ def inference_model(nets: GanNets, image_size: int) -> Frontalizer:
     return Frontalizer(nets.encoder, nets.decoder, nets.discriminator.pose_net(), default_cfg(image_size))
 
 
-def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-            if not callable(v) and k not in {"command", "verbose"}}
-
-
 def _save(out: Path, stem: str, nets: GanNets, recipe: GanRecipe, generator: torch.Generator,
           args: argparse.Namespace, info: dict[str, Any], fingerprint: str, *, half: bool = False,
           full: bool = True) -> None:
     wrapper = inference_model(nets, args.image_size)
     save_checkpoint(out / stem, wrapper, arch=ARCH, model_kwargs=model_kwargs(args),
-                    train_args=_args_dict(args), data_fingerprint=fingerprint, half=half,
+                    train_args=resolved_args(args), data_fingerprint=fingerprint, half=half,
                     extra={"steps_trained": info["step"], "wall_time_s": round(info["wall_time_s"], 1),
                            "train_ids": "001-450", "pose_classes_note": "left/right as seen in the image"})
     if not full:
@@ -210,7 +205,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     elif args.resume:
         log.warning("--resume given but %s has no last checkpoint; starting fresh", out)
     _trim_log(out / "losses.jsonl", step)
-    (out / "args.json").write_text(json.dumps(_args_dict(args), indent=2) + "\n")
+    (out / "args.json").write_text(json.dumps(resolved_args(args), indent=2) + "\n")
     log.info("CFP %s: %d training photos of %d ids, sheet from %d eval photos; %d steps (%d/epoch), "
              "device %s, amp %s", args.data, len(train), sampler.num_identities, len(held_out), total,
              steps_per_epoch, device, amp_dtype)
