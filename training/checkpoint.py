@@ -188,3 +188,23 @@ def load_checkpoint(
     model.to(device).eval()
     log.debug("loaded %s (%s)", wpath, card["arch"])
     return model, card
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path, arch: str) -> int:
+    """Copy every same-named, same-shaped tensor of checkpoint ``path`` into ``model``.
+
+    Used to fine-tune from a trained model: a head of another size (CK+ has 7 classes
+    in another order, say) stays freshly initialised. Returns the number of tensors copied.
+
+    Raises:
+        ValueError: if the checkpoint is of another architecture than ``arch``.
+    """
+    source, card = load_checkpoint(path)
+    if card["arch"] != arch:
+        raise ValueError(f"init checkpoint {path} is a {card['arch']}, not a {arch}")
+    own = model.state_dict()
+    shared = {k: v.to(own[k].dtype) for k, v in source.state_dict().items()
+              if k in own and own[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    log.info("initialised %d of %d tensors from %s", len(shared), len(own), path)
+    return len(shared)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import load_checkpoint
+from training.checkpoint import init_from_checkpoint
 from training.data.ckplus import load_ckplus, subject_kfold
 from training.data.transforms import BatchAugment
 from training.engine import evaluate, train_one_epoch
@@ -48,13 +48,7 @@ def get_cv_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def _fold_model(args: argparse.Namespace, cfg: ModelCfg, device: torch.device) -> torch.nn.Module:
     model = create_model(args.model, num_classes=cfg.num_classes, cfg=cfg)
     if args.init is not None:
-        source, card = load_checkpoint(args.init)
-        if card["arch"] != args.model:
-            raise ValueError(f"--init {args.init} is a {card['arch']}, not a {args.model}")
-        own = model.state_dict()
-        shared = {k: v for k, v in source.state_dict().items()
-                  if k in own and own[k].shape == v.shape}
-        model.load_state_dict(shared, strict=False)
+        init_from_checkpoint(model, args.init, args.model)
     return model.to(device).to(memory_format=torch.channels_last)
 
 

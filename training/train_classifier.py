@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.checkpoint import load_checkpoint, save_checkpoint, update_card
+from training.checkpoint import (
+    init_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    update_card,
+)
 from training.data.dataset import FaceDataset
 from training.data.fer2013 import load_fer2013
 from training.data.transforms import BatchAugment
@@ -77,6 +82,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--erase-p", type=float, default=0.5)
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; 0 = off")
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; 0 = off")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint's weights (same arch), e.g. to fine-tune")
     p.add_argument("--teacher", type=Path, default=None, help="checkpoint to distil from")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temp", type=float, default=4.0)
@@ -157,7 +164,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     log.info("data %s: %d training, %d %s images; device %s, amp %s", args.data, len(train),
              len(val), SELECTION_SPLIT, device, amp_dtype)
 
-    model = create_model(args.model, num_classes=len(data.class_names)).to(device)
+    model = create_model(args.model, num_classes=len(data.class_names))
+    if args.init is not None:
+        init_from_checkpoint(model, args.init, args.model)
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     cfg = model.cfg

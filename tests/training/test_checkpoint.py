@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from training.checkpoint import CheckpointError, load_card, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    CheckpointError,
+    init_from_checkpoint,
+    load_card,
+    load_checkpoint,
+    save_checkpoint,
+)
 from training.models import create_model
 
 ARCH = "compact_resnet"
@@ -96,3 +103,31 @@ def test_unknown_arch_in_card(saved: tuple[torch.nn.Module, Path]) -> None:
     with pytest.raises(CheckpointError, match="cannot build model"):
         load_checkpoint(path)
     assert load_card(path)["arch"] == "no_such_net"
+
+
+def test_init_copies_matching_tensors_and_keeps_other_heads(
+    saved: tuple[torch.nn.Module, Path],
+) -> None:
+    source, path = saved
+    torch.manual_seed(1)
+    fresh = create_model(ARCH)
+    copied = init_from_checkpoint(fresh, path.with_suffix(""), ARCH)
+    assert copied == len(fresh.state_dict())
+    for key, value in source.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+    torch.manual_seed(1)
+    five = dataclasses.replace(fresh.cfg, class_names=("a", "b", "c", "d", "e"))
+    other_head = create_model(ARCH, num_classes=5, cfg=five)
+    before = {k: v.clone() for k, v in other_head.state_dict().items()}
+    copied = init_from_checkpoint(other_head, path.with_suffix(""), ARCH)
+    changed = [k for k, v in other_head.state_dict().items() if not torch.equal(v, before[k])]
+    assert 0 < copied < len(before) and changed
+    head = [k for k, v in other_head.state_dict().items() if v.shape != source.state_dict()[k].shape]
+    assert head and all(torch.equal(other_head.state_dict()[k], before[k]) for k in head)
+
+
+def test_init_refuses_another_arch(saved: tuple[torch.nn.Module, Path]) -> None:
+    _, path = saved
+    with pytest.raises(ValueError, match="compact_resnet, not a compact_resnet_s"):
+        init_from_checkpoint(create_model("compact_resnet_s"), path.with_suffix(""), "compact_resnet_s")
