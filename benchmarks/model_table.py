@@ -3,8 +3,10 @@
 For each checkpoint: parameters, GFLOPs per face (2 x multiply-adds), CPU ms per face at batch 1
 and 32 (fp32, channels_last, median of repeats), FER2013 PublicTest accuracy 1-crop and 10-crop,
 and the epochs, wall time and device recorded in its card. Prints a Markdown table.
+Architectures named with --untrained get a row of their own with the size and speed columns
+(speed does not depend on the weights) and no accuracy, so the table lists the whole zoo.
 
-    python benchmarks/model_table.py checkpoints/default runs/*/best
+    python benchmarks/model_table.py checkpoints/default runs/*/best --untrained vgg19 resnet34
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data.dataset import FaceDataset  # noqa: E402
 from training.data.fer2013 import load_fer2013  # noqa: E402
 from training.engine import evaluate  # noqa: E402
+from training.models import create_model  # noqa: E402
 from training.models.complexity import count_flops, count_params, measure_latency  # noqa: E402
 
 
@@ -40,9 +43,21 @@ def row(path: Path, data: FaceDataset, *, repeats: int) -> str:
             f"{card.get('device', '-')} |")
 
 
+def untrained_row(arch: str, *, repeats: int) -> str:
+    """Size and CPU speed of a registered architecture that has no trained checkpoint here."""
+    model = create_model(arch).eval()
+    gflops = count_flops(model) / 1e9
+    ms1 = measure_latency(model, 1, repeats=repeats * 4, warmup=5, channels_last=True)
+    ms32 = measure_latency(model, 32, repeats=repeats, warmup=2, channels_last=True)
+    return (f"| (not trained) | {arch} | {count_params(model) / 1e6:.2f}M | {gflops:.3f} | {ms1:.2f} | "
+            f"{ms32:.2f} | - | - | - | - | - |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("checkpoints", nargs="*", type=Path)
+    p.add_argument("--untrained", nargs="*", default=[], metavar="ARCH",
+                   help="registered architectures to list with size and speed only")
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/fer2013"))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -56,6 +71,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
         print(row(path, data, repeats=args.repeats), flush=True)
+    for arch in args.untrained:
+        print(untrained_row(arch, repeats=args.repeats), flush=True)
 
 
 if __name__ == "__main__":
