@@ -238,8 +238,14 @@ def test_default_settings_serve_the_shipped_model(detector_weights: Path, face_j
     settings = Settings(detector_weights=detector_weights)  # nothing else set: the shipped default
     assert settings.classifier_checkpoint == DEFAULT_CHECKPOINTS / "default.safetensors"
     with TestClient(create_app(settings)) as c:
-        (model,) = c.get("/models").json()["models"]
-        assert model["card"]["metrics"]["PublicTest"]["acc_tta"] > 0.6
+        models = {m["name"]: m for m in c.get("/models").json()["models"]}
+        assert models["default"]["card"]["metrics"]["PublicTest"]["acc_tta"] > 0.6
         body = c.post("/predict", content=face_jpeg, headers=JPEG).json()
+        shipped_ensemble = (DEFAULT_CHECKPOINTS / "ensemble.safetensors").is_file()
+        assert ("ensemble" in models) == shipped_ensemble
+        if shipped_ensemble:
+            voted = c.post("/predict?model=ensemble", content=face_jpeg, headers=JPEG).json()
+            (ensemble_face,) = voted["faces"]
+            assert ensemble_face["dominant"] == "happy"
     (face,) = body["faces"]
     assert face["dominant"] == "happy"  # the astronaut photo is a broad smile
