@@ -23,14 +23,16 @@ class Settings(BaseSettings):
         description="the default classifier (safetensors with its JSON card beside it)",
     )
     ensemble_checkpoint: Path | None = Field(
-        None, description="ensemble served as model=ensemble; None uses checkpoints/ensemble if shipped",
+        None, description="ensemble served as model=ensemble; None uses ensemble.safetensors beside "
+                          "the classifier checkpoint if shipped",
     )
     frontalizer_checkpoint: Path | None = Field(
-        None, description="GAN frontaliser checkpoint; None uses checkpoints/frontalizer if shipped",
+        None, description="GAN frontaliser checkpoint; None uses frontalizer.safetensors beside the "
+                          "classifier checkpoint if shipped",
     )
     use_shipped_extras: bool = Field(
-        True, description="load checkpoints/ensemble and checkpoints/frontalizer when they are shipped "
-                          "and no other path is configured",
+        True, description="load ensemble and frontalizer checkpoints found beside the classifier "
+                          "checkpoint when no other path is configured",
     )
     frontalize_min_yaw: float = Field(
         30.0, ge=0, le=90, description="frontalize=auto only considers faces with |yaw| >= this",

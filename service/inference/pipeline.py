@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.config import DEFAULT_CHECKPOINTS, Settings
+from service.config import Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
 from service.inference.classifier import Classifier, FaceJob
 from service.inference.detector import Detection, RetinaFaceDetector
@@ -41,11 +41,16 @@ class UnknownModelError(KeyError):
     """A request named a model that is not loaded."""
 
 
-def _configured_or_shipped(configured: Path | None, name: str, *, use_shipped: bool) -> Path | None:
-    """An optional model's checkpoint: the configured path, else ``checkpoints/<name>`` if shipped."""
+def _configured_or_shipped(configured: Path | None, name: str, *, use_shipped: bool,
+                           folder: Path) -> Path | None:
+    """An optional model's checkpoint: the configured path, else ``<folder>/<name>`` if shipped.
+
+    ``folder`` is the default classifier's folder, so a container that bakes the checkpoints
+    into /opt/fer/checkpoints finds its extras there, like a checkout finds ``checkpoints/``.
+    """
     if configured is not None:
         return Path(configured)
-    shipped = DEFAULT_CHECKPOINTS / f"{name}.safetensors"
+    shipped = Path(folder) / f"{name}.safetensors"
     return shipped if use_shipped and shipped.is_file() else None
 
 
@@ -128,13 +133,14 @@ class InferenceEngine:
             self.detector = RetinaFaceDetector.from_cache(s.cache_dir, **kwargs)
         self.classifiers["default"] = Classifier(
             Path(s.classifier_checkpoint), name="default", role="default", device=self.device)
+        shipped_folder = Path(s.classifier_checkpoint).parent
         ensemble = _configured_or_shipped(s.ensemble_checkpoint, "ensemble",
-                                          use_shipped=s.use_shipped_extras)
+                                          use_shipped=s.use_shipped_extras, folder=shipped_folder)
         if ensemble is not None:
             self.classifiers["ensemble"] = Classifier(
                 ensemble, name="ensemble", role="ensemble", device=self.device)
         frontalizer = _configured_or_shipped(s.frontalizer_checkpoint, "frontalizer",
-                                             use_shipped=s.use_shipped_extras)
+                                             use_shipped=s.use_shipped_extras, folder=shipped_folder)
         if frontalizer is not None:
             self.frontalizer = FrontalizerModel(Path(frontalizer), device=self.device)
 

@@ -249,3 +249,27 @@ def test_default_settings_serve_the_shipped_model(detector_weights: Path, face_j
             assert ensemble_face["dominant"] == "happy"
     (face,) = body["faces"]
     assert face["dominant"] == "happy"  # the astronaut photo is a broad smile
+
+
+def test_shipped_extras_are_found_beside_a_moved_classifier(
+    tmp_path: Path, detector_weights: Path, face_jpeg: bytes,
+) -> None:
+    """A container bakes checkpoints/ elsewhere: the extras come from the classifier's folder."""
+    import shutil
+
+    from service.config import DEFAULT_CHECKPOINTS, Settings
+
+    if not (DEFAULT_CHECKPOINTS / "ensemble.safetensors").is_file():
+        pytest.skip("no shipped ensemble in checkpoints/")
+    for name in ("default", "ensemble"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(DEFAULT_CHECKPOINTS / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    settings = Settings(detector_weights=detector_weights,
+                        classifier_checkpoint=tmp_path / "default.safetensors")
+    with TestClient(create_app(settings)) as c:
+        names = {m["name"] for m in c.get("/models").json()["models"]}
+        assert names == {"default", "ensemble"}
+        (tmp_path / "ensemble.safetensors").unlink()
+        assert c.post("/predict?model=ensemble", content=face_jpeg, headers=JPEG).status_code == 200
+    with TestClient(create_app(settings)) as c:
+        assert {m["name"] for m in c.get("/models").json()["models"]} == {"default"}
