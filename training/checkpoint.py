@@ -193,8 +193,9 @@ def load_checkpoint(
 def init_from_checkpoint(model: nn.Module, path: str | Path, arch: str) -> int:
     """Copy every same-named, same-shaped tensor of checkpoint ``path`` into ``model``.
 
-    Used to fine-tune from a trained model: a head of another size (CK+ has 7 classes
-    in another order, say) stays freshly initialised. Returns the number of tensors copied.
+    Used to fine-tune from a trained model. A head of another size stays freshly initialised;
+    one of the same size is copied even if its classes mean other things (CK+'s 7 classes are
+    in another order than FER2013's), and fine-tuning relearns it. Returns the number copied.
 
     Raises:
         ValueError: if the checkpoint is of another architecture than ``arch``.

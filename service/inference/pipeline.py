@@ -50,7 +50,7 @@ def _configured_or_shipped(configured: Path | None, name: str, *, use_shipped: b
     """
     if configured is not None:
         return Path(configured)
-    shipped = Path(folder) / f"{name}.safetensors"
+    shipped = folder / f"{name}.safetensors"
     return shipped if use_shipped and shipped.is_file() else None
 
 
