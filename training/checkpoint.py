@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "card_path",
     "code_version",
+    "init_from_checkpoint",
     "load_card",
     "load_checkpoint",
     "save_checkpoint",
@@ -190,12 +192,19 @@ def load_checkpoint(
     return model, card
 
 
-def init_from_checkpoint(model: nn.Module, path: str | Path, arch: str) -> int:
-    """Copy every same-named, same-shaped tensor of checkpoint ``path`` into ``model``.
+def init_from_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    arch: str,
+    class_aliases: Mapping[str, str] | None = None,
+) -> int:
+    """Initialise ``model`` from checkpoint ``path`` to fine-tune it; return the tensors copied.
 
-    Used to fine-tune from a trained model. A head of another size stays freshly initialised;
-    one of the same size is copied even if its classes mean other things (CK+'s 7 classes are
-    in another order than FER2013's), and fine-tuning relearns it. Returns the number copied.
+    The backbone (every same-named, same-shaped tensor outside the ``fc`` head) is copied. The
+    head is copied row by row, by class name: the row of each of ``model``'s classes comes from
+    the checkpoint's class of the same name, or of the name ``class_aliases`` gives it (CK+'s
+    ``"sadness"`` is FER2013's ``"sad"``). A class with no counterpart (CK+'s ``"contempt"``)
+    keeps its fresh row. A head tensor counts as copied when any of its rows is.
 
     Raises:
         ValueError: if the checkpoint is of another architecture than ``arch``.
@@ -204,8 +213,31 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, arch: str) -> int:
     if card["arch"] != arch:
         raise ValueError(f"init checkpoint {path} is a {card['arch']}, not a {arch}")
     own = model.state_dict()
-    shared = {k: v.to(own[k].dtype) for k, v in source.state_dict().items()
-              if k in own and own[k].shape == v.shape}
+    theirs = source.state_dict()
+    shared = {k: v.to(own[k].dtype) for k, v in theirs.items()
+              if k in own and own[k].shape == v.shape and not k.startswith(_HEAD)}
+    rows = _head_rows(model.cfg.class_names, source.cfg.class_names, class_aliases or {})
+    for key in (k for k in own if k.startswith(_HEAD) and k in theirs and rows):
+        if own[key].shape[1:] != theirs[key].shape[1:]:
+            continue
+        head = own[key].clone()
+        for mine, their in rows.items():
+            head[mine] = theirs[key][their].to(head.dtype)
+        shared[key] = head
     model.load_state_dict(shared, strict=False)
-    log.info("initialised %d of %d tensors from %s", len(shared), len(own), path)
+    fresh = [name for i, name in enumerate(model.cfg.class_names) if i not in rows]
+    log.info("initialised %d of %d tensors from %s; head rows for %s kept fresh", len(shared),
+             len(own), path, fresh or "no class")
     return len(shared)
+
+
+#: Name prefix of the classification head in every zoo model (its final ``nn.Linear``).
+_HEAD = "fc."
+
+
+def _head_rows(
+    mine: Sequence[str], theirs: Sequence[str], aliases: Mapping[str, str]
+) -> dict[int, int]:
+    """Map each of our class indices to the source's index of the same (or aliased) class."""
+    return {i: theirs.index(aliases.get(name, name)) for i, name in enumerate(mine)
+            if aliases.get(name, name) in theirs}

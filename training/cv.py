@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from training.checkpoint import init_from_checkpoint
-from training.data.ckplus import load_ckplus, subject_kfold
+from training.data.ckplus import CK_FER_NAMES, load_ckplus, subject_kfold
 from training.data.transforms import BatchAugment
 from training.engine import evaluate, train_one_epoch
 from training.models import ModelCfg, create_model, list_models
@@ -29,7 +29,8 @@ def get_cv_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--model", default="compact_resnet", help=f"one of {list_models()}")
     p.add_argument("--init", type=Path, default=None,
-                   help="start each fold from this (FER2013) checkpoint's weights")
+                   help="start each fold from this FER2013 checkpoint; head rows are matched by "
+                        "class name (contempt, which FER2013 lacks, starts fresh)")
     p.add_argument("--data", default="../shared/data/ckplus48")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--epochs", type=int, default=30)
@@ -48,7 +49,7 @@ def get_cv_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def _fold_model(args: argparse.Namespace, cfg: ModelCfg, device: torch.device) -> torch.nn.Module:
     model = create_model(args.model, num_classes=cfg.num_classes, cfg=cfg)
     if args.init is not None:
-        init_from_checkpoint(model, args.init, args.model)
+        init_from_checkpoint(model, args.init, args.model, class_aliases=CK_FER_NAMES)
     return model.to(device).to(memory_format=torch.channels_last)
 
 

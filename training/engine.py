@@ -102,6 +102,7 @@ def train_one_epoch(
             draws a random permutation.
         class_weights: per-class loss weights (class-weighted loss).
         max_batches: stop early (smoke tests and benchmarks).
+        progress: show a per-batch bar when stderr is a terminal.
 
     Returns:
         mean loss, training accuracy (against the un-mixed labels), images/s and the last lr.
@@ -119,7 +120,9 @@ def train_one_epoch(
         batches = batches[:max_batches]
     total_loss, total_correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
+    # disable=None: draw the bar only on a terminal, so nohup logs keep just the epoch lines.
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None if progress else True,
+               unit="batch")
     for idx in bar:
         idx = idx.to(device)
         y = labels[idx]

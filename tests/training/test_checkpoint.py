@@ -16,6 +16,7 @@ from training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from training.data.ckplus import CK_CLASSES, CK_FER_NAMES
 from training.models import create_model
 
 ARCH = "compact_resnet"
@@ -125,6 +126,25 @@ def test_init_copies_matching_tensors_and_keeps_other_heads(
     assert 0 < copied < len(before) and changed
     head = [k for k, v in other_head.state_dict().items() if v.shape != source.state_dict()[k].shape]
     assert head and all(torch.equal(other_head.state_dict()[k], before[k]) for k in head)
+
+
+def test_init_maps_head_rows_by_class_name(saved: tuple[torch.nn.Module, Path]) -> None:
+    source, path = saved
+    torch.manual_seed(2)
+    ck_cfg = dataclasses.replace(source.cfg, class_names=CK_CLASSES)
+    target = create_model(ARCH, num_classes=len(CK_CLASSES), cfg=ck_cfg)
+    fresh_fc = target.fc.weight.detach().clone()
+    init_from_checkpoint(target, path.with_suffix(""), ARCH, class_aliases=CK_FER_NAMES)
+    fer = source.cfg.class_names
+    for i, name in enumerate(CK_CLASSES):
+        if name == "contempt":
+            assert torch.equal(target.fc.weight[i], fresh_fc[i])
+            continue
+        j = fer.index(CK_FER_NAMES[name])
+        assert torch.equal(target.fc.weight[i], source.fc.weight[j]), name
+        assert torch.equal(target.fc.bias[i], source.fc.bias[j]), name
+    sadness = CK_CLASSES.index("sadness")  # FER2013 "sad" sits at another index
+    assert not torch.equal(target.fc.weight[sadness], source.fc.weight[sadness])
 
 
 def test_init_refuses_another_arch(saved: tuple[torch.nn.Module, Path]) -> None:

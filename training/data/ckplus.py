@@ -20,6 +20,7 @@ from training.data.dataset import USAGES, DatasetError, FaceDataset, content_fin
 
 __all__ = [
     "CK_CLASSES",
+    "CK_FER_NAMES",
     "CK_TO_FER",
     "load_ckplus",
     "parse_ck_name",
@@ -41,6 +42,10 @@ CK_TO_FER: dict[str, int | None] = {
     "happy": FER_CLASSES.index("happy"),
     "sadness": FER_CLASSES.index("sad"),
     "surprise": FER_CLASSES.index("surprise"),
+}
+#: CK+ class -> the FER2013 class name it corresponds to (for mapping a classifier's head).
+CK_FER_NAMES: dict[str, str] = {
+    ck: FER_CLASSES[fer] for ck, fer in CK_TO_FER.items() if fer is not None
 }
 _NAME = re.compile(r"S(\d+)_(\d+)_(\d+)\.png", re.IGNORECASE)
 
