@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from training.data.aligned_views import mix_views
 from training.data.transforms import BatchAugment, eval_views, normalize
 from training.models.cfg import ModelCfg
 from training.runtime import autocast
@@ -94,6 +95,8 @@ def train_one_epoch(
     epoch: int = 0,
     progress: bool = True,
     max_batches: int | None = None,
+    views: Tensor | None = None,
+    view_p: float = 0.0,
 ) -> dict[str, float]:
     """Train ``model`` for one pass over ``images`` (uint8, on the training device).
 
@@ -103,6 +106,8 @@ def train_one_epoch(
         class_weights: per-class loss weights (class-weighted loss).
         max_batches: stop early (smoke tests and benchmarks).
         progress: show a per-batch bar when stderr is a terminal.
+        views: another view of each image (e.g. the served alignment), the same shape as
+            ``images``; each sample is swapped for its view with probability ``view_p``.
 
     Returns:
         mean loss, training accuracy (against the un-mixed labels), images/s and the last lr.
@@ -126,7 +131,8 @@ def train_one_epoch(
     for idx in bar:
         idx = idx.to(device)
         y = labels[idx]
-        x, targets = augment(normalize(images[idx], cfg), y, generator=generator)
+        x = images[idx] if views is None else mix_views(images[idx], views[idx], view_p, generator)
+        x, targets = augment(normalize(x, cfg), y, generator=generator)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):

@@ -25,6 +25,7 @@ from training.checkpoint import (
     save_checkpoint,
     update_card,
 )
+from training.data.aligned_views import cached_aligned_views
 from training.data.dataset import FaceDataset
 from training.data.fer2013 import load_fer2013
 from training.data.transforms import BatchAugment
@@ -84,6 +85,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; 0 = off")
     p.add_argument("--init", type=Path, default=None,
                    help="start from this checkpoint's weights (same arch), e.g. to fine-tune")
+    p.add_argument("--aligned-views", type=float, default=0.0, metavar="P",
+                   help="swap each training face for its served alignment (detect -> align, "
+                        "computed once and cached) with probability P, to close train/serve skew")
     p.add_argument("--teacher", type=Path, default=None, help="checkpoint to distil from")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temp", type=float, default=4.0)
@@ -179,6 +183,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         erase_p=args.erase_p, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
     )
     train_images, train_labels = train.images.to(device), train.labels.to(device)
+    train_views = None
+    if args.aligned_views > 0:
+        views, found = cached_aligned_views(train.images, cache_dir=args.cache_dir)
+        train_views = views.to(device)
+        log.info("aligned views: a face was found in %.1f%% of training images; each sample is "
+                 "swapped for its view with p=%.2f", 100 * found, args.aligned_views)
     sample_weights = class_weights = None
     if args.class_balance == "sampler":
         per_class = 1.0 / torch.bincount(train.labels, minlength=cfg.num_classes).float().clamp_min(1)
@@ -220,7 +230,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             sample_weights=sample_weights, class_weights=class_weights,
             label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, scaler=scaler,
             distill=distill, channels_last=args.channels_last, epoch=epoch,
-            progress=args.progress,
+            progress=args.progress, views=train_views, view_p=args.aligned_views,
         )
         result = evaluate(model, val.images, val.labels, amp_dtype=amp_dtype)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -172,3 +172,29 @@ def test_bad_image_fails_by_name_or_is_skipped_on_request(tmp_path: Path,
     assert not (tmp_path / "strict" / "best.safetensors").exists()
     assert _train(root, tmp_path / "lenient", tmp_path / "cache", *common, "--skip-bad") == 0
     assert (tmp_path / "lenient" / "best.safetensors").is_file()
+
+
+def test_aligned_views_go_through_the_detector_once_and_are_cached(
+    tmp_path: Path, make_fer_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.inference.retinaface_convert import (
+        INSTALL_HINT,
+        SOURCE_DISTRIBUTION,
+        ConversionError,
+        source_weights_file,
+    )
+
+    try:
+        source_weights_file()
+    except ConversionError:
+        pytest.skip(f"{SOURCE_DISTRIBUTION} is not installed (`{INSTALL_HINT}`)")
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "fer-cache"))  # detector weights go here
+    root = make_fer_folder(per_class_train=3, per_class_test=2)
+    cache = tmp_path / "cache"
+    common = ["--epochs", "1", "--batch-size", "8", "--aligned-views", "0.5"]
+    assert _train(root, tmp_path / "run", cache, *common) == 0
+    (views_file,) = cache.glob("aligned-views-*.npz")
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["aligned_views"] == 0.5
+    stamp = views_file.stat().st_mtime_ns
+    assert _train(root, tmp_path / "again", cache, *common) == 0
+    assert views_file.stat().st_mtime_ns == stamp, "the second run recomputed the views"

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from training.checkpoint import load_checkpoint, update_card
+from training.data.aligned_views import detect_face_landmarks
 from training.data.cfp import CfpDataset, load_cfp
 from training.data.pose import estimate_yaw
-from training.gan.fer_eval import detect_fer_landmarks, evaluate_fer
+from training.gan.fer_eval import evaluate_fer
 from training.gan.frontalizer import Frontalizer, frontalize_faces
 from training.gan.identity import (
     DlibEmbedder,
@@ -187,7 +188,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # PublicTest is stored class by class: a prefix would hold only the first classes.
         pick = torch.randperm(len(fer), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
         faces, labels = fer.images[pick], fer.labels[pick]
-        landmarks = detect_fer_landmarks(faces.numpy(), detector)
+        landmarks = detect_face_landmarks(faces.numpy(), detector)
         res = evaluate_fer(model, classifier, faces, labels, landmarks)
         k = min(args.sample_count, n)
         write_sheet(args.fer_sheet, faces[:k], res.inputs[:k], res.frontalised[:k], scale=3,

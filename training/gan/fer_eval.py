@@ -13,9 +13,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -24,13 +22,12 @@ from training.data.pose import estimate_yaw
 from training.engine import predict_probs
 from training.gan.frontalizer import Frontalizer, fer_crop_to_input, frontalize_faces
 
-__all__ = ["YAW_BINS", "FerResult", "detect_fer_landmarks", "evaluate_fer", "yaw_bin_labels"]
+__all__ = ["YAW_BINS", "FerResult", "evaluate_fer", "yaw_bin_labels"]
 
 log = logging.getLogger(__name__)
 
 #: |yaw| bin edges in degrees; the last bin is open-ended.
 YAW_BINS: tuple[float, ...] = (0.0, 15.0, 30.0, 45.0)
-UPSCALE, CANVAS = 4, 320
 NO_FACE = "no face found"
 
 
@@ -38,23 +35,6 @@ def yaw_bin_labels(edges: Sequence[float] = YAW_BINS) -> list[str]:
     inner = [f"{a:g}-{b:g}°" for a, b in itertools.pairwise(edges)]
     inner[0] = f"<{edges[1]:g}°"
     return [*inner, f">={edges[-1]:g}°"]
-
-
-def detect_fer_landmarks(faces: np.ndarray, detector: Any, *, batch: int = 16) -> list[np.ndarray | None]:
-    """Five landmarks per 48x48 face, in the face's own pixels (``None`` where none is found)."""
-    side = faces.shape[-1] * UPSCALE
-    off = (CANVAS - side) // 2
-    out: list[np.ndarray | None] = []
-    for s in range(0, len(faces), batch):
-        canvases = []
-        for face in faces[s:s + batch]:
-            img = np.full((CANVAS, CANVAS), 128, np.uint8)
-            big = cv2.resize(face, (side, side), interpolation=cv2.INTER_CUBIC)
-            img[off:off + side, off:off + side] = big
-            canvases.append(cv2.cvtColor(img, cv2.COLOR_GRAY2RGB))
-        for dets in detector.detect(canvases):
-            out.append((np.asarray(dets[0].landmarks) - off) / UPSCALE if dets else None)
-    return out
 
 
 @dataclass
