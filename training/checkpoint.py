@@ -226,8 +226,8 @@ def init_from_checkpoint(
         shared[key] = head
     model.load_state_dict(shared, strict=False)
     fresh = [name for i, name in enumerate(model.cfg.class_names) if i not in rows]
-    log.info("initialised %d of %d tensors from %s; head rows for %s kept fresh", len(shared),
-             len(own), path, fresh or "no class")
+    log.info("initialised %d of %d tensors from %s%s", len(shared), len(own), path,
+             f"; head rows of {fresh} left fresh (no such class there)" if fresh else "")
     return len(shared)
 
 
