@@ -42,6 +42,7 @@ def get_cv_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="write the per-fold JSON here")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = default")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -55,6 +56,8 @@ def _fold_model(args: argparse.Namespace, cfg: ModelCfg, device: torch.device) -
 
 def cv_main(args: argparse.Namespace) -> dict[str, Any]:
     """Train and test one model per fold; return per-fold and mean/std accuracy."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
     data = load_ckplus(args.data)
