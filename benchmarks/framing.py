@@ -5,7 +5,7 @@ service's pipeline (RetinaFace, 5-point alignment to the FER template, classifie
 canvas, and its accuracy is compared with classifying the original 48x48 crop directly. A big
 gap means the alignment template does not reproduce the training framing (train/serve skew).
 
-    python benchmarks/framing.py --checkpoint checkpoints/default --limit 3589
+    python benchmarks/framing.py --checkpoint checkpoints/default runs/other/best
     python benchmarks/framing.py --fit-template --limit 2000      # re-measure the template
 
 Prints one table. Not a test.
@@ -56,7 +56,8 @@ def detect_all(detector: RetinaFaceDetector, canvases: list[np.ndarray], batch: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/fer2013"))
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints/default")
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=[ROOT / "checkpoints/default"],
+                   help="one or more classifiers, compared on the same detections")
     p.add_argument("--limit", type=int, default=0, help="first N images of the split (0 = all)")
     p.add_argument("--scale", type=int, default=4, help="upscaling of the 48x48 face")
     p.add_argument("--canvas", type=int, default=320)
@@ -85,31 +86,33 @@ def main() -> None:
         print(np.array2string(med.round(2), separator=", "))
         print("current template:\n" + np.array2string(FER_TEMPLATE_48, separator=", "))
         return
-    model, card = load_checkpoint(args.checkpoint)
     labels = split.labels[:n]
-    direct = predict_probs(model, torch.from_numpy(faces)).argmax(1)
-    crops = np.stack([
-        align_face(placed[i][0], np.asarray(dets[i][0].landmarks), size=model.cfg.image_size)
-        if dets[i] else np.full((model.cfg.image_size,) * 2, 128, np.uint8)
-        for i in range(n)])
-    piped = predict_probs(model, torch.from_numpy(crops)).argmax(1)
     found_t = torch.zeros(n, dtype=torch.bool)
     found_t[found] = True
-    acc = lambda pred, mask: (pred[mask] == labels[mask]).float().mean().item()  # noqa: E731
     allm = torch.ones(n, dtype=torch.bool)
-    rows = [
-        ("direct 48x48 (all)", acc(direct, allm)),
-        ("pipeline (all; miss = wrong-ish grey crop)", acc(piped, allm)),
-        ("direct 48x48 (faces found)", acc(direct, found_t)),
-        ("pipeline (faces found)", acc(piped, found_t)),
-        ("agreement pipeline vs direct", (piped == direct).float().mean().item()),
-    ]
-    print(f"\nFraming check: {card['arch']} on FER2013 PublicTest, {n} faces x{args.scale} in "
-          f"{args.canvas}px canvases; detected {len(found)}/{n} ({det_s / n * 1000:.1f} ms/img)")
-    print(f"{'':46}{'accuracy':>10}")
-    for name, v in rows:
-        print(f"{name:46}{v:>10.4f}")
-
+    acc = lambda pred, mask: (pred[mask] == labels[mask]).float().mean().item()  # noqa: E731
+    names = ["direct 48x48 (all)", "pipeline (all; miss = wrong-ish grey crop)",
+             "direct 48x48 (faces found)", "pipeline (faces found)",
+             "gap on faces found (direct - pipeline)", "agreement pipeline vs direct"]
+    columns = []
+    for path in args.checkpoint:
+        model, _ = load_checkpoint(path)
+        direct = predict_probs(model, torch.from_numpy(faces)).argmax(1)
+        crops = np.stack([
+            align_face(placed[i][0], np.asarray(dets[i][0].landmarks), size=model.cfg.image_size)
+            if dets[i] else np.full((model.cfg.image_size,) * 2, 128, np.uint8)
+            for i in range(n)])
+        piped = predict_probs(model, torch.from_numpy(crops)).argmax(1)
+        columns.append([acc(direct, allm), acc(piped, allm), acc(direct, found_t),
+                        acc(piped, found_t), acc(direct, found_t) - acc(piped, found_t),
+                        (piped == direct).float().mean().item()])
+    print(f"\nFraming check on FER2013 PublicTest, {n} faces x{args.scale} in {args.canvas}px "
+          f"canvases; detected {len(found)}/{n} ({det_s / n * 1000:.1f} ms/img); 1-crop accuracy")
+    heads = [str(path) for path in args.checkpoint]
+    width = max(12, *(len(h) + 2 for h in heads))
+    print(f"{'':44}" + "".join(f"{h:>{width}}" for h in heads))
+    for i, name in enumerate(names):
+        print(f"{name:44}" + "".join(f"{col[i]:>{width}.4f}" for col in columns))
 
 if __name__ == "__main__":
     main()
