@@ -48,7 +48,8 @@ done
 fer-train ensemble "${members[@]}" --output "$OUT/ensemble/best" --tta --data "$DATA" \
   --device "$DEVICE" --half
 
-fer-train classify --model compact_resnet --lr 0.1 --teacher "$OUT/ensemble/best" \
+# The default serves detect -> align crops: half its training faces are those crops.
+fer-train classify --model compact_resnet --lr 0.1 --teacher "$OUT/ensemble/best" --aligned-views 0.5 \
   --distill-alpha 0.5 --distill-temp 4 --seed 1 --output-dir "$OUT/compact_resnet_distilled" "${common[@]}"
 finished compact_resnet_distilled || { echo "distillation not finished yet; rerun" >&2; exit 3; }
 
