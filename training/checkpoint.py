@@ -192,6 +192,10 @@ def load_checkpoint(
     return model, card
 
 
+#: Name prefix of the classification head in every zoo model (its final ``nn.Linear``).
+_HEAD = "fc."
+
+
 def init_from_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -217,8 +221,8 @@ def init_from_checkpoint(
     shared = {k: v.to(own[k].dtype) for k, v in theirs.items()
               if k in own and own[k].shape == v.shape and not k.startswith(_HEAD)}
     rows = _head_rows(model.cfg.class_names, source.cfg.class_names, class_aliases or {})
-    for key in (k for k in own if k.startswith(_HEAD) and k in theirs and rows):
-        if own[key].shape[1:] != theirs[key].shape[1:]:
+    for key in (k for k in own if k.startswith(_HEAD) and k in theirs):
+        if not rows or own[key].shape[1:] != theirs[key].shape[1:]:
             continue
         head = own[key].clone()
         for mine, their in rows.items():
@@ -229,10 +233,6 @@ def init_from_checkpoint(
     log.info("initialised %d of %d tensors from %s%s", len(shared), len(own), path,
              f"; head rows of {fresh} left fresh (no such class there)" if fresh else "")
     return len(shared)
-
-
-#: Name prefix of the classification head in every zoo model (its final ``nn.Linear``).
-_HEAD = "fc."
 
 
 def _head_rows(

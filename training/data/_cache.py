@@ -23,7 +23,14 @@ import torch
 from training.data._images import warn_skipped
 from training.data.dataset import FaceDataset, content_fingerprint
 
-__all__ = ["CACHE_VERSION", "Decoded", "cached_build", "default_cache_dir", "metadata_key"]
+__all__ = [
+    "CACHE_VERSION",
+    "Decoded",
+    "cached_build",
+    "default_cache_dir",
+    "metadata_key",
+    "save_npz_atomically",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +75,28 @@ class Decoded:
                            source=source, paths=tuple(self.paths))
 
 
-def _save(path: Path, d: Decoded, fingerprint: str) -> None:
+def save_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``path`` as ``.npz`` so a concurrent reader sees the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh, images=d.images, labels=d.labels, usage=d.usage,
-                class_names=np.array(d.class_names, dtype=str),
-                paths=np.array(d.paths, dtype=str).reshape(-1),
-                fingerprint=np.array(fingerprint), skipped=np.array(d.skipped, dtype=str),
-                version=np.array(CACHE_VERSION),
-            )
+            np.savez(fh, **arrays)
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a shared cache dir should stay readable
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _save(path: Path, d: Decoded, fingerprint: str) -> None:
+    save_npz_atomically(
+        path, images=d.images, labels=d.labels, usage=d.usage,
+        class_names=np.array(d.class_names, dtype=str),
+        paths=np.array(d.paths, dtype=str).reshape(-1),
+        fingerprint=np.array(fingerprint), skipped=np.array(d.skipped, dtype=str),
+        version=np.array(CACHE_VERSION),
+    )
 
 
 def _load(path: Path) -> tuple[Decoded, str]:

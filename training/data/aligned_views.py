@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.data._cache import default_cache_dir
+from training.data._cache import default_cache_dir, save_npz_atomically
 from training.data.align import FER_TEMPLATE_48, align_face
 
 __all__ = [
@@ -107,7 +105,7 @@ def cached_aligned_views(
     landmarks = detect_face_landmarks(array, detector)
     views = align_views(array, landmarks)
     found = np.array([p is not None for p in landmarks])
-    _save(path, views, found)
+    save_npz_atomically(path, views=views, found=found)
     return torch.from_numpy(views), float(found.mean()) if len(found) else 0.0
 
 
@@ -146,15 +144,3 @@ def _load(path: Path, shape: tuple[int, ...]) -> tuple[Tensor, float] | None:
                     views.shape, shape)
         return None
     return torch.from_numpy(views), float(found.mean()) if len(found) else 0.0
-
-
-def _save(path: Path, views: np.ndarray, found: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, views=views, found=found)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

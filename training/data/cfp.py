@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.data._cache import default_cache_dir, metadata_key
+from training.data._cache import default_cache_dir, metadata_key, save_npz_atomically
 from training.data._images import decode_gray
 from training.data.align import warp_face
 from training.data.dataset import DatasetError
@@ -230,19 +228,6 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_cfp(root: str | Path, *, size: int = 64, ids: Iterable[int] | None = None,
              cache_dir: Path | None = None, use_cache: bool = True, num_workers: int = 2) -> CfpDataset:
     """Load CFP as aligned ``size`` x ``size`` grayscale crops with pose and identity labels.
@@ -283,7 +268,7 @@ def load_cfp(root: str | Path, *, size: int = 64, ids: Iterable[int] | None = No
         arrays = _build(data, items, size, num_workers)
         if use_cache:
             try:
-                _write_cache(cache, arrays)
+                save_npz_atomically(cache, **arrays)
             except OSError as e:
                 log.warning("could not write CFP cache %s (%s)", cache, e)
     return CfpDataset(
