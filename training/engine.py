@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from training.data.aligned_views import mix_views
 from training.data.transforms import BatchAugment, eval_views, normalize
+from training.ema import WeightAverage
 from training.models.cfg import ModelCfg
 from training.runtime import autocast
 
@@ -97,6 +98,7 @@ def train_one_epoch(
     max_batches: int | None = None,
     views: Tensor | None = None,
     view_p: float = 0.0,
+    ema: WeightAverage | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for one pass over ``images`` (uint8, on the training device).
 
@@ -108,6 +110,7 @@ def train_one_epoch(
         progress: show a per-batch bar when stderr is a terminal.
         views: another view of each image (e.g. the served alignment), the same shape as
             ``images``; each sample is swapped for its view with probability ``view_p``.
+        ema: a weight average updated after every optimizer step.
 
     Returns:
         mean loss, training accuracy (against the un-mixed labels), images/s and the last lr.
@@ -157,6 +160,8 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
+        if ema is not None:
+            ema.update(model)
         bs = len(idx)
         seen += bs
         total_loss += loss.item() * bs

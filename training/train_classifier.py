@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import (
+    CheckpointError,
     init_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -29,6 +30,7 @@ from training.data.aligned_views import cached_aligned_views
 from training.data.dataset import FaceDataset
 from training.data.fer2013 import load_fer2013
 from training.data.transforms import BatchAugment
+from training.ema import WeightAverage
 from training.engine import Distillation, evaluate, train_one_epoch
 from training.metrics import classification_report
 from training.models import create_model, list_models
@@ -88,6 +90,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--aligned-views", type=float, default=0.0, metavar="P",
                    help="swap each training face for its served alignment (detect -> align, "
                         "computed once and cached) with probability P, to close train/serve skew")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999) and "
+                        "evaluate, select and save it instead of the raw weights; 0 = off")
     p.add_argument("--teacher", type=Path, default=None, help="checkpoint to distil from")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temp", type=float, default=4.0)
@@ -152,6 +157,16 @@ def _limit(ds: FaceDataset, n: int, seed: int) -> FaceDataset:
     return ds.subset(torch.randperm(len(ds), generator=g)[:n].sort().values)
 
 
+def _resume_ema(ema: WeightAverage, out: Path, info: dict[str, Any], device: torch.device) -> None:
+    """Restore the weight average saved beside ``last`` (``last_ema``)."""
+    if not (out / "last_ema.safetensors").is_file():
+        raise CheckpointError(f"--ema resume needs {out / 'last_ema.safetensors'}; the run was "
+                              "started without --ema")
+    averaged, _ = load_checkpoint(out / "last_ema", device=device)
+    ema.module.load_state_dict(averaged.state_dict())
+    ema.num_updates = int(info.get("ema_updates", 0))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run training; return the best checkpoint's card metrics."""
     if args.threads > 0:
@@ -203,12 +218,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         distill = Distillation(teacher.requires_grad_(False), args.distill_alpha, args.distill_temp)
         log.info("distilling from %s (%s)", args.teacher, tcard["arch"])
 
+    ema = WeightAverage(model, args.ema) if args.ema > 0 else None
     start_epoch, best_acc, best_epoch, wall_before, stale = 0, -1.0, -1, 0.0, 0
     if args.resume and (out / "last.safetensors").is_file():
         state_model, _ = load_checkpoint(out / "last", device=device)
         model.load_state_dict(state_model.state_dict())
         info = load_train_state(out / "last", optimizer=optimizer, scheduler=scheduler,
                                 generator=generator, scaler=scaler)
+        if ema is not None:
+            _resume_ema(ema, out, info, device)
         start_epoch, best_acc, best_epoch = info["epoch"] + 1, info["best_acc"], info["best_epoch"]
         wall_before, stale = info.get("wall_time_s", 0.0), info.get("stale_epochs", 0)
         log.info("resumed %s at epoch %d (best %.4f at %d)", out, start_epoch, best_acc, best_epoch)
@@ -230,9 +248,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             sample_weights=sample_weights, class_weights=class_weights,
             label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, scaler=scaler,
             distill=distill, channels_last=args.channels_last, epoch=epoch,
-            progress=args.progress, views=train_views, view_p=args.aligned_views,
+            progress=args.progress, views=train_views, view_p=args.aligned_views, ema=ema,
         )
-        result = evaluate(model, val.images, val.labels, amp_dtype=amp_dtype)
+        result = raw_result = evaluate(model, val.images, val.labels, amp_dtype=amp_dtype)
+        selected = model
+        if ema is not None:  # the average is what gets selected and shipped
+            selected = ema.module
+            result = evaluate(selected, val.images, val.labels, amp_dtype=amp_dtype)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(result.accuracy)
         else:
@@ -240,6 +262,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         wall = wall_before + time.perf_counter() - run_start
         row = {"epoch": epoch, **stats, "val_loss": result.loss, "val_acc": result.accuracy,
                "val_split": SELECTION_SPLIT, "wall_time_s": wall}
+        if ema is not None:
+            row["val_acc_raw"] = raw_result.accuracy
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         improved = result.accuracy > best_acc
@@ -250,15 +274,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         common = {"arch": args.model, "train_args": card_args,
                   "data_fingerprint": data.fingerprint}
         extra = {"device": str(device), "epochs_trained": epoch + 1, "wall_time_s": round(wall, 1)}
+        if ema is not None:
+            extra["ema_decay"] = args.ema
         metrics = {SELECTION_SPLIT: {"acc": result.accuracy, "loss": result.loss, "epoch": epoch}}
         if improved:
-            save_checkpoint(out / "best", model, metrics=metrics, extra=extra,
+            save_checkpoint(out / "best", selected, metrics=metrics, extra=extra,
                             half=args.half_checkpoint, **common)
         save_checkpoint(out / "last", model, metrics=metrics, extra=extra, **common)
+        info = {"epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
+                "wall_time_s": wall, "stale_epochs": stale}
+        if ema is not None:
+            save_checkpoint(out / "last_ema", ema.module, metrics=metrics, extra=extra, **common)
+            info["ema_updates"] = ema.num_updates
         save_train_state(out / "last", optimizer=optimizer, scheduler=scheduler,
-                         generator=generator, scaler=scaler,
-                         info={"epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
-                               "wall_time_s": wall, "stale_epochs": stale})
+                         generator=generator, scaler=scaler, info=info)
         plot_training_curves(out / "metrics.jsonl", out / "curves.png")
         log.info("epoch %d: train loss %.4f acc %.4f | %s acc %.4f loss %.4f | %.0f img/s%s",
                  epoch, stats["train_loss"], stats["train_acc"], SELECTION_SPLIT,

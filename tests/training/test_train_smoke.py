@@ -97,6 +97,29 @@ def test_resume_continues_exactly(trained: dict[str, Path]) -> None:
     assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_ema_run_selects_the_average_and_resumes_exactly(trained: dict[str, Path]) -> None:
+    """--ema: the card and metrics say so, best is the average, and resume restores it."""
+    base, data, cache = trained["base"], trained["data"], trained["cache"]
+    straight, split = base / "ema_straight", base / "ema_split"
+    common = ["--epochs", "2", "--amp", "none", "--ema", "0.9"]
+    assert _train(data, straight, cache, *common) == 0
+    assert _train(data, split, cache, *common, "--epoch-budget", "1") == 0
+    assert _train(data, split, cache, *common, "--resume") == 0
+    a, b = load_file(str(straight / "last_ema.safetensors")), load_file(str(split / "last_ema.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    raw = load_file(str(straight / "last.safetensors"))
+    assert any(not torch.equal(raw[k], a[k]) for k in a), "the average equals the raw weights"
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_acc_raw" in r for r in rows)
+    card = json.loads((straight / "best.json").read_text())
+    assert card["ema_decay"] == 0.9
+    best_epoch = card["metrics"]["PublicTest"]["epoch"]
+    if best_epoch == 1:  # then best holds the same weights as last_ema
+        best = load_file(str(straight / "best.safetensors"))
+        assert all(torch.equal(best[k], a[k]) for k in a)
+
+
 def test_eval_command_reports_both_crops(trained: dict[str, Path]) -> None:
     out = trained["base"] / "eval"
     rc = cli_main(["eval", str(trained["out"] / "best"), "--data", str(trained["data"]),

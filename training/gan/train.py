@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.data.cfp import load_cfp
+from training.data.fer2013 import load_fer2013
+from training.gan.expression import ExpressionPath, load_expression_classifier
 from training.gan.frontalizer import Frontalizer, default_cfg
 from training.gan.losses import LossWeights
 from training.gan.networks import Decoder, Discriminator, Encoder
@@ -74,6 +76,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--frontal-target-p", type=float, default=0.75)
     p.add_argument("--self-pair-p", type=float, default=0.1,
                    help="probability that x_j is x_i itself (auto-encoding pair)")
+    p.add_argument("--fer-data", default=None,
+                   help="FER2013 folder: add the expression path (FER2013 Training faces auto-encoded "
+                        "to the frontal pose, kept by L1 and a frozen classifier's KL); off by default")
+    p.add_argument("--expression-classifier", type=Path, default=None,
+                   help="frozen classifier checkpoint for the expression path's KL term")
+    p.add_argument("--expression-member", type=int, default=None,
+                   help="use only this member of an ensemble --expression-classifier")
+    p.add_argument("--w-expr-l1", type=float, default=10.0, help="expression path: L1 weight")
+    p.add_argument("--w-expr-kl", type=float, default=1.0, help="expression path: KL weight")
+    p.add_argument("--expr-temp", type=float, default=2.0, help="expression path: KL temperature")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps; 0 = once per epoch")
     p.add_argument("--sample-every", type=int, default=200, help="steps between sample sheets")
     p.add_argument("--sample-count", type=int, default=8, help="people on a sample sheet")
@@ -163,6 +175,20 @@ def _trim_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _expression_path(args: argparse.Namespace, device: torch.device) -> ExpressionPath:
+    """FER2013 Training faces and the frozen classifier for the optional expression path."""
+    if args.expression_classifier is None:
+        raise ValueError("--fer-data needs --expression-classifier (the frozen classifier of its KL term)")
+    faces = load_fer2013(args.fer_data, cache_dir=args.cache_dir).split("Training").images
+    classifier = load_expression_classifier(args.expression_classifier, member=args.expression_member,
+                                            device=device)
+    log.info("expression path: %d FER2013 Training faces, classifier %s%s", len(faces),
+             args.expression_classifier,
+             "" if args.expression_member is None else f" member {args.expression_member}")
+    return ExpressionPath.build(faces, classifier, image_size=args.image_size, device=device,
+                                w_l1=args.w_expr_l1, w_kl=args.w_expr_kl, temperature=args.expr_temp)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; return the last loss-log row."""
     if args.threads > 0:
@@ -193,6 +219,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     weights = LossWeights(adv=args.w_adv, pose=args.w_pose, identity=args.w_id, l1=args.w_l1)
     recipe = GanRecipe(nets, opt_g=opt_g, opt_d=opt_d, weights=weights, amp_dtype=amp_dtype,
                        train_decoder_on_reconstruction=args.train_decoder_on_reconstruction)
+    expression = _expression_path(args, device) if args.fer_data else None
     steps_per_epoch = max(1, math.ceil(len(train) / args.batch_size))
     total = args.steps or args.epochs * steps_per_epoch
     ckpt_every = args.checkpoint_every or steps_per_epoch
@@ -221,6 +248,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     sums[f"{path}/{k}"] += v / args.n_critic
             for k, v in recipe.g_step(draw(args.batch_size)).items():
                 sums[f"{path}/{k}"] += v
+        if expression is not None:
+            for k, v in expression.step(nets, opt_g, args.batch_size, generator, amp_dtype=amp_dtype).items():
+                sums[f"fer/{k}"] += v
         step += 1
         count += 1
         wall = wall_before + time.perf_counter() - run_start
@@ -231,10 +261,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         "s_per_step": dt / count, "wall_time_s": wall}
             with open(out / "losses.jsonl", "a") as fh:
                 fh.write(json.dumps(last_row) + "\n")
-            log.info("step %d/%d: gen d %.3f g %.3f | rec d %.3f g %.3f l1 %.3f | %.2f s/step", step, total,
-                     last_row.get("gen/d_loss", 0), last_row.get("gen/g_loss", 0),
+            log.info("step %d/%d: gen d %.3f g %.3f | rec d %.3f g %.3f l1 %.3f |%s %.2f s/step", step,
+                     total, last_row.get("gen/d_loss", 0), last_row.get("gen/g_loss", 0),
                      last_row.get("rec/d_loss", 0), last_row.get("rec/g_loss", 0),
-                     last_row.get("rec/g_l1", 0), dt / count)
+                     last_row.get("rec/g_l1", 0),
+                     "" if expression is None else
+                     f" fer l1 {last_row['fer/e_l1']:.3f} kl {last_row['fer/e_kl']:.3f} "
+                     f"agree {last_row['fer/e_agree']:.3f} |", dt / count)
             sums.clear()
             count, t0 = 0, time.perf_counter()
         if step % args.sample_every == 0 or step == end:
