@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["autocast", "resolve_amp", "resolve_device", "resolved_args", "seed_everything"]
+__all__ = ["autocast", "cache_root", "resolve_amp", "resolve_device", "resolved_args", "seed_everything"]
 
 log = logging.getLogger(__name__)
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+def cache_root() -> Path:
+    """``$FER_CACHE_DIR`` when set, else ``~/.cache/fer-service``: the root of every cache.
+
+    Decoded datasets go under ``datasets/``, converted detector weights under ``detector/``.
+    """
+    env = os.environ.get("FER_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fer-service"
 
 
 def resolve_device(name: str = "auto") -> torch.device:

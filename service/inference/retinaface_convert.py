@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from service.inference.retinaface_net import BGR_MEAN, MIN_SIZES, STEPS, VARIANCES, RetinaFaceNet
+from training.runtime import cache_root
 
 __all__ = [
     "ARCH",
@@ -63,13 +64,13 @@ class ConversionError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """``$FER_CACHE_DIR`` when set, else ``~/.cache/fer-service``.
+    """The cache root (:func:`training.runtime.cache_root`: ``$FER_CACHE_DIR`` or
+    ``~/.cache/fer-service``); the weights go to its ``detector/`` folder.
 
     The service passes its configured cache directory explicitly; this fallback serves the CLI
     and standalone use.
     """
-    env = os.environ.get("FER_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fer-service"
+    return cache_root()
 
 
 def sha256_file(path: Path) -> str:

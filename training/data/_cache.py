@@ -22,6 +22,7 @@ import torch
 
 from training.data._images import warn_skipped
 from training.data.dataset import FaceDataset, content_fingerprint
+from training.runtime import cache_root
 
 __all__ = [
     "CACHE_VERSION",
@@ -40,9 +41,9 @@ _ARRAYS = ("images", "labels", "usage", "class_names", "paths", "fingerprint", "
 
 
 def default_cache_dir() -> Path:
-    """``$FER_CACHE_DIR`` if set, else ``~/.cache/fer-service/datasets``."""
-    env = os.environ.get("FER_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fer-service" / "datasets"
+    """``datasets/`` under :func:`training.runtime.cache_root` (``$FER_CACHE_DIR`` or
+    ``~/.cache/fer-service``)."""
+    return cache_root() / "datasets"
 
 
 def metadata_key(kind: str, entries: Iterable[tuple[str, int, int]]) -> str:

@@ -152,11 +152,13 @@ def test_use_cache_false_writes_nothing(tmp_path: Path, samples: list,
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "envcache"))
     load_fer2013(write_fer_folder(tmp_path / "img", samples), use_cache=False)
     assert not (tmp_path / "envcache").exists()
+    load_fer2013(write_fer_folder(tmp_path / "img2", samples))
+    assert len(list((tmp_path / "envcache" / "datasets").glob("fer2013-*.npz"))) == 1
 
 
 def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c"
+    assert default_cache_dir() == tmp_path / "c" / "datasets"  # the root the detector cache shares
     monkeypatch.delenv("FER_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / ".cache" / "fer-service" / "datasets"
