@@ -10,7 +10,8 @@ frontaliser's card), plus a sample sheet (profile | frontalised | real frontal, 
 2. Expression preservation (FER2013 PublicTest, first ``--limit`` faces): classifier accuracy
    on the original faces and on frontalised ones, and how often the two predictions agree.
 3. Accuracy per estimated |yaw| bin, with and without frontalising; ``frontalize_helps`` in
-   the JSON lists the bins where it raised accuracy (what an ``auto`` policy should use).
+   the JSON lists the bins where it raised accuracy beyond chance (more faces fixed than
+   broken, one-sided exact McNemar p < 0.05): what the service's ``auto`` policy uses.
 
 ``--yaw-check`` also runs the detector on the raw CFP eval photos and reports the yaw
 estimate per pose class, validating :func:`training.data.pose.estimate_yaw`.
@@ -194,12 +195,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         write_sheet(args.fer_sheet, faces[:k], res.inputs[:k], res.frontalised[:k], scale=3,
                     header=("FER original", "frontaliser input", "frontalised"),
                     title="FER2013 PublicTest")
-        bins = {name: {"n": k, "acc": a, "acc_frontalised": b} for name, k, a, b in res.rows()}
+        discordant = res.discordant()
+        bins = {name: {"n": k, "acc": a, "acc_frontalised": b, "fixed": discordant[name][0],
+                       "broke": discordant[name][1], "mcnemar_p": discordant[name][2]}
+                for name, k, a, b in res.rows()}
         results["fer"] = {"classifier": str(args.classifier), "classifier_arch": ccard["arch"],
                           "split": "PublicTest", "faces": n, "sample_seed": args.seed,
                           "agreement": res.agreement, "bins": bins,
-                          "frontalize_helps": [k for k, v in bins.items() if k != "all" and v["n"]
-                                               and v["acc_frontalised"] > v["acc"]]}
+                          "frontalize_helps": res.helps(), "helps_rule": "McNemar one-sided p < 0.05"}
         for name, k, a, b in res.rows():
             label = "FER PublicTest accuracy" if name == "all" else f"  |yaw| {name}"
             rows.append((label, _fmt(a), _fmt(b), str(k)))

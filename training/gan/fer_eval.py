@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,13 +23,22 @@ from training.data.pose import estimate_yaw
 from training.engine import predict_probs
 from training.gan.frontalizer import Frontalizer, fer_crop_to_input, frontalize_faces
 
-__all__ = ["YAW_BINS", "FerResult", "evaluate_fer", "yaw_bin_labels"]
+__all__ = ["YAW_BINS", "FerResult", "evaluate_fer", "mcnemar_helps_p", "yaw_bin_labels"]
 
 log = logging.getLogger(__name__)
 
 #: |yaw| bin edges in degrees; the last bin is open-ended.
 YAW_BINS: tuple[float, ...] = (0.0, 15.0, 30.0, 45.0)
 NO_FACE = "no face found"
+
+
+def mcnemar_helps_p(fixed: int, broke: int) -> float:
+    """One-sided exact McNemar test: P(at least ``fixed`` of the ``fixed + broke`` discordant
+    faces fall on the fixed side if each side were equally likely)."""
+    n = fixed + broke
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(fixed, n + 1)) / 2**n
 
 
 def yaw_bin_labels(edges: Sequence[float] = YAW_BINS) -> list[str]:
@@ -48,18 +58,38 @@ class FerResult:
     inputs: Tensor  # uint8 (N, S, S): what the frontaliser got
     frontalised: Tensor  # uint8 (N, 48, 48)
 
-    def rows(self) -> list[tuple[str, int, float, float]]:
-        """``(bin, n, acc original, acc frontalised)`` for all faces, each yaw bin and misses."""
-        ok_o = (self.pred_orig == self.labels).numpy()
-        ok_f = (self.pred_front == self.labels).numpy()
+    def bin_masks(self) -> list[tuple[str, np.ndarray]]:
+        """``(name, mask)`` for all faces, each |yaw| bin and the faces with no detection."""
         absyaw = np.abs(self.yaw)
-        masks = [("all", np.ones(len(ok_o), bool))]
+        masks = [("all", np.ones(len(self.labels), bool))]
         edges = [*YAW_BINS, np.inf]
         for label, lo, hi in zip(yaw_bin_labels(), edges[:-1], edges[1:], strict=True):
             masks.append((label, (absyaw >= lo) & (absyaw < hi)))
         masks.append((NO_FACE, np.isnan(self.yaw)))
+        return masks
+
+    def rows(self) -> list[tuple[str, int, float, float]]:
+        """``(bin, n, acc original, acc frontalised)`` for all faces, each yaw bin and misses."""
+        ok_o = (self.pred_orig == self.labels).numpy()
+        ok_f = (self.pred_front == self.labels).numpy()
         return [(name, int(m.sum()), float(ok_o[m].mean()) if m.any() else float("nan"),
-                 float(ok_f[m].mean()) if m.any() else float("nan")) for name, m in masks]
+                 float(ok_f[m].mean()) if m.any() else float("nan")) for name, m in self.bin_masks()]
+
+    def discordant(self) -> dict[str, tuple[int, int, float]]:
+        """Per bin: faces frontalising fixed, faces it broke, and the one-sided exact McNemar p
+        that it helps (small p: more fixed than broken beyond chance)."""
+        ok_o = (self.pred_orig == self.labels).numpy()
+        ok_f = (self.pred_front == self.labels).numpy()
+        out = {}
+        for name, m in self.bin_masks():
+            fixed, broke = int((~ok_o & ok_f)[m].sum()), int((ok_o & ~ok_f)[m].sum())
+            out[name] = (fixed, broke, mcnemar_helps_p(fixed, broke))
+        return out
+
+    def helps(self, alpha: float = 0.05) -> list[str]:
+        """Yaw bins (not "all") where frontalising raised accuracy with McNemar p < ``alpha``."""
+        return [name for name, (fixed, broke, p) in self.discordant().items()
+                if name != "all" and fixed > broke and p < alpha]
 
     @property
     def agreement(self) -> float:

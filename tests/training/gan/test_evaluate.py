@@ -14,7 +14,7 @@ from training.checkpoint import save_checkpoint
 from training.cli import main as cli_main
 from training.data.cfp import load_cfp
 from training.gan.evaluate import evaluate_identity
-from training.gan.fer_eval import NO_FACE, evaluate_fer, yaw_bin_labels
+from training.gan.fer_eval import NO_FACE, FerResult, evaluate_fer, mcnemar_helps_p, yaw_bin_labels
 from training.gan.identity import all_pairs, protocol_pairs, roc_auc, tar_at_far
 from training.gan.recipe import GanNets
 from training.gan.train import inference_model
@@ -100,3 +100,31 @@ def test_dlib_embedder_if_installed() -> None:
 
     emb = DlibEmbedder().embed(np.random.default_rng(0).integers(0, 256, (2, 64, 64), dtype=np.uint8))
     assert emb.shape == (2, 128) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+
+
+def test_mcnemar_p_matches_the_binomial_tail() -> None:
+    assert mcnemar_helps_p(0, 0) == 1.0
+    assert mcnemar_helps_p(3, 0) == 0.125  # all three discordant faces fixed: 1/2^3
+    assert mcnemar_helps_p(5, 5) == pytest.approx(0.623046875)
+    assert mcnemar_helps_p(9, 1) < 0.05 < mcnemar_helps_p(7, 3)
+
+
+def _result(orig: list[int], front: list[int], yaw: list[float]) -> FerResult:
+    n = len(orig)
+    return FerResult(labels=torch.zeros(n, dtype=torch.long), pred_orig=torch.tensor(orig),
+                     pred_front=torch.tensor(front), yaw=np.array(yaw),
+                     inputs=torch.zeros(n, 4, 4, dtype=torch.uint8),
+                     frontalised=torch.zeros(n, 4, 4, dtype=torch.uint8))
+
+
+def test_helps_needs_more_fixed_than_broken_beyond_chance() -> None:
+    # >=45°: 10 faces, frontalising fixes 9 and breaks none; 30-45°: fixes 2, breaks 1;
+    # <15°: breaks 5. Label 0 is right, 1 is wrong.
+    orig = [1] * 9 + [0] + [1, 1, 0] + [0] * 5
+    front = [0] * 9 + [0] + [0, 0, 1] + [1] * 5
+    yaw = [50.0] * 10 + [35.0] * 3 + [0.0] * 5
+    res = _result(orig, front, yaw)
+    d = res.discordant()
+    assert d[">=45°"][:2] == (9, 0) and d["30-45°"][:2] == (2, 1) and d["<15°"][:2] == (0, 5)
+    assert res.helps() == [">=45°"]  # 2 fixed vs 1 broken is not evidence; "all" is never listed
+    assert res.helps(alpha=1.0) == ["30-45°", ">=45°"]
