@@ -23,7 +23,7 @@ from training.models.cfg import ModelCfg
 from training.runtime import autocast
 
 __all__ = ["Distillation", "EvalResult", "evaluate", "predict_probs", "soft_cross_entropy",
-           "train_one_epoch"]
+           "soft_target_kl", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +179,23 @@ def train_one_epoch(
     }
 
 
+def soft_target_kl(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``KL(softmax(teacher / T) || softmax(student / T))``, batch mean, in float32.
+
+    The distillation term (callers scale it by ``T^2``); also the frontaliser's expression term.
+    """
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+        reduction="batchmean", log_target=True,
+    )
+
+
 def _distill_loss(hard_loss: Tensor, logits: Tensor, x: Tensor, distill: Distillation) -> Tensor:
     t = distill.temperature
     with torch.no_grad():
         teacher_logits = distill.teacher(x)
-    kl = F.kl_div(
-        F.log_softmax(logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
-        reduction="batchmean", log_target=True,
-    )
+    kl = soft_target_kl(logits, teacher_logits, t)
     return (1 - distill.alpha) * hard_loss + distill.alpha * t * t * kl
 
 

@@ -18,17 +18,16 @@ member of an ensemble checkpoint), so the evaluation does not grade its own teac
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.checkpoint import load_checkpoint
 from training.data.transforms import eval_views
+from training.engine import soft_target_kl
 from training.gan.frontalizer import FRONTAL, fer_crop_to_input
 from training.gan.losses import l1_loss
 from training.gan.recipe import GanNets
@@ -36,8 +35,6 @@ from training.gan.sampling import to_unit
 from training.runtime import autocast
 
 __all__ = ["ExpressionPath", "load_expression_classifier"]
-
-log = logging.getLogger(__name__)
 
 
 def load_expression_classifier(path: str | Path, *, member: int | None = None,
@@ -101,15 +98,14 @@ class ExpressionPath:
         t = self.temperature
         with autocast(device, amp_dtype):
             with torch.no_grad():
-                target = F.log_softmax(self._logits(face.float() / 255.0).float() / t, dim=1)
+                target = self._logits(face.float() / 255.0)
             f = nets.encoder(x)
             z = torch.randn(f.shape[0], nets.decoder.noise_dim, device=device)
             frontal = torch.full((batch_size,), FRONTAL, dtype=torch.long, device=device)
             fake = nets.decoder(f, frontal, z)
             l1 = l1_loss(fake, x)
             logits = self._logits((fake.float() + 1) / 2)
-            kl = F.kl_div(F.log_softmax(logits.float() / t, dim=1), target, reduction="batchmean",
-                          log_target=True)
+            kl = soft_target_kl(logits, target, t)
             loss = self.w_l1 * l1 + self.w_kl * t * t * kl
         opt_g.zero_grad(set_to_none=True)
         loss.backward()

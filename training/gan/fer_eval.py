@@ -68,18 +68,20 @@ class FerResult:
         masks.append((NO_FACE, np.isnan(self.yaw)))
         return masks
 
+    def correct(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per face: whether the original and the frontalised prediction are right."""
+        return (self.pred_orig == self.labels).numpy(), (self.pred_front == self.labels).numpy()
+
     def rows(self) -> list[tuple[str, int, float, float]]:
         """``(bin, n, acc original, acc frontalised)`` for all faces, each yaw bin and misses."""
-        ok_o = (self.pred_orig == self.labels).numpy()
-        ok_f = (self.pred_front == self.labels).numpy()
+        ok_o, ok_f = self.correct()
         return [(name, int(m.sum()), float(ok_o[m].mean()) if m.any() else float("nan"),
                  float(ok_f[m].mean()) if m.any() else float("nan")) for name, m in self.bin_masks()]
 
     def discordant(self) -> dict[str, tuple[int, int, float]]:
         """Per bin: faces frontalising fixed, faces it broke, and the one-sided exact McNemar p
         that it helps (small p: more fixed than broken beyond chance)."""
-        ok_o = (self.pred_orig == self.labels).numpy()
-        ok_f = (self.pred_front == self.labels).numpy()
+        ok_o, ok_f = self.correct()
         out = {}
         for name, m in self.bin_masks():
             fixed, broke = int((~ok_o & ok_f)[m].sum()), int((ok_o & ~ok_f)[m].sum())
