@@ -26,11 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.inference.detector import RetinaFaceDetector  # noqa: E402
-from training.checkpoint import load_checkpoint  # noqa: E402
-from training.data.align import FER_TEMPLATE_48, align_face  # noqa: E402
+from facemodels.checkpoint import load_checkpoint  # noqa: E402
+from facemodels.face.align import FER_TEMPLATE_48, align_face  # noqa: E402
+from facemodels.face.detector import RetinaFaceDetector  # noqa: E402
+from facemodels.predict import predict_probs  # noqa: E402
 from training.data.fer2013 import load_fer2013  # noqa: E402
-from training.engine import predict_probs  # noqa: E402
+from training.runtime import cache_root  # noqa: E402
 
 log = logging.getLogger("framing")
 
@@ -67,7 +68,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rng = np.random.default_rng(0)
-    detector = RetinaFaceDetector.from_cache(score_threshold=0.5, max_side=args.canvas)
+    detector = RetinaFaceDetector.from_cache(cache_root(), score_threshold=0.5, max_side=args.canvas)
     data = load_fer2013(args.data)
     split = data.split("Training" if args.fit_template else "PublicTest")
     n = len(split) if args.limit <= 0 else min(args.limit, len(split))

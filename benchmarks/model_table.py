@@ -20,12 +20,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.checkpoint import load_checkpoint  # noqa: E402
+from facemodels.checkpoint import load_checkpoint  # noqa: E402
+from facemodels.models import create_model  # noqa: E402
+from facemodels.models.complexity import count_flops, count_params, measure_latency  # noqa: E402
 from training.data.dataset import FaceDataset  # noqa: E402
 from training.data.fer2013 import load_fer2013  # noqa: E402
 from training.engine import evaluate  # noqa: E402
-from training.models import create_model  # noqa: E402
-from training.models.complexity import count_flops, count_params, measure_latency  # noqa: E402
 
 
 def size_and_speed(model: torch.nn.Module, *, repeats: int) -> str:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.models import create_model, list_models
-from training.models.complexity import count_flops, count_params
+from facemodels.models import create_model, list_models
+from facemodels.models.complexity import count_flops, count_params
 
 log = logging.getLogger("train_throughput")
 

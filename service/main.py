@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import detect, frontalize, health, predict
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.inference.pipeline import InferenceEngine
-from service.metrics import Metrics
+from service.metrics import Metrics, install_request_metrics
 
 __all__ = ["create_app"]
 
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models are loaded by its lifespan, not here."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(max_batch_size=settings.max_batch_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,22 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
 
-    @app.middleware("http")
-    async def record_request(request: Request, call_next) -> Response:
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            if path != "/metrics":
-                metrics.requests.labels(route=path, method=request.method, status=str(status)).inc()
-                metrics.latency.labels(route=path, method=request.method).observe(
-                    time.perf_counter() - start)
-
+    install_request_metrics(app, metrics)
     app.include_router(health.router)
     app.include_router(detect.router)
     app.include_router(predict.router)
@@ -85,6 +69,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _version() -> str:
-    from training.checkpoint import code_version
+    from facemodels.checkpoint import code_version
 
     return code_version()

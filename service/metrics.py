@@ -1,21 +1,59 @@
-"""Every Prometheus object the service exports, in one place, on a per-app registry."""
+"""Every Prometheus object the service exports, in one place, on a per-app registry.
+
+Per-request metrics are recorded by one middleware (:func:`install_request_metrics`): routes
+and error handlers only note what happened (:func:`note_faces`, :func:`note_error`) on the
+request, and the middleware turns the notes into metrics once the response is known.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "batch_buckets", "install_request_metrics", "note_error", "note_faces"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FACE_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50)
+_REPORT = "fer_request_report"
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two up to the configured ``max_batch_size``, which is always the last bucket."""
+    powers = [1 << i for i in range(max_batch_size.bit_length()) if (1 << i) < max_batch_size]
+    return (*powers, max_batch_size)
+
+
+@dataclass
+class _RequestReport:
+    faces: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _report(request: Request) -> _RequestReport | None:
+    return getattr(request.state, _REPORT, None)
+
+
+def note_faces(request: Request, count: int) -> None:
+    """Note that an image of this request had ``count`` faces (recorded by the middleware)."""
+    if (report := _report(request)) is not None:
+        report.faces.append(count)
+
+
+def note_error(request: Request, code: str) -> None:
+    """Note an error of kind ``code`` in this request (recorded by the middleware)."""
+    if (report := _report(request)) is not None:
+        report.errors.append(code)
 
 
 class Metrics:
     """Holds the collectors; also the batcher's observer (``on_batch``/``on_queue_depth``)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, max_batch_size: int) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("fer_requests_total", "HTTP requests by route, method and status",
@@ -25,7 +63,7 @@ class Metrics:
         self.queue_wait = Histogram("fer_queue_wait_seconds", "Time an item waits for its batch",
                                     ["model"], buckets=WAIT_BUCKETS, registry=r)
         self.batch_size = Histogram("fer_batch_size", "Items per model call", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)
+                                    buckets=batch_buckets(max_batch_size), registry=r)
         self.compute = Histogram("fer_model_compute_seconds", "Model call time per batch",
                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("fer_queue_depth", "Items waiting in the batch queue", ["model"],
@@ -54,3 +92,32 @@ class Metrics:
 
     def on_error(self, name: str, kind: str) -> None:
         self.errors.labels(kind=f"{name}:{kind}").inc()
+
+
+def install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
+    """Record every request's count, latency, faces and errors in one middleware."""
+
+    @app.middleware("http")
+    async def record_request(request: Request,
+                             call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        report = _RequestReport()
+        setattr(request.state, _REPORT, report)
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        except Exception:
+            report.errors.append("internal_error")  # answered by the outermost 500 handler
+            raise
+        finally:
+            path = getattr(request.scope.get("route"), "path", "unmatched")
+            if path != "/metrics":
+                metrics.requests.labels(route=path, method=request.method, status=str(status)).inc()
+                metrics.latency.labels(route=path, method=request.method).observe(
+                    time.perf_counter() - start)
+            for count in report.faces:
+                metrics.faces.observe(count)
+            for code in report.errors:
+                metrics.errors.labels(kind=code).inc()

@@ -7,7 +7,6 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 __all__ = [
-    "Base64ImageRequest",
     "BatchItem",
     "BatchPredictResponse",
     "DetectResponse",
@@ -20,12 +19,6 @@ __all__ = [
     "ModelsResponse",
     "PredictResponse",
 ]
-
-
-class Base64ImageRequest(BaseModel):
-    """JSON body alternative to a file upload."""
-
-    image: str = Field(..., description="base64 image bytes, optionally as a data: URL")
 
 
 class ImageInfo(BaseModel):

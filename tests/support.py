@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.classes import FER_CLASSES
+from facemodels.classes import FER_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,3 +1,4 @@
-"""Training package: FER2013/CK+ data, the model zoo, the trainer, evaluation and the GAN frontaliser."""
+"""Training package: FER2013/CK+ data, the trainer, evaluation, ensembles and the GAN frontaliser.
 
-__version__ = "0.1.0"
+It produces the checkpoints that :mod:`facemodels` loads; the service never imports it.
+"""

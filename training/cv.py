@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import init_from_checkpoint
+from facemodels.checkpoint import init_from_checkpoint
+from facemodels.device import AMP_CHOICES, resolve_amp, resolve_device
+from facemodels.models import ModelCfg, create_model, list_models
 from training.data.ckplus import CK_FER_NAMES, load_ckplus, subject_kfold
 from training.data.transforms import BatchAugment
 from training.engine import evaluate, train_one_epoch
-from training.models import ModelCfg, create_model, list_models
-from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, seed_everything
+from training.runtime import seed_everything
 
 __all__ = ["cv_main", "get_cv_parser"]
 

@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from facemodels.device import autocast
+from facemodels.models.cfg import ModelCfg
+from facemodels.predict import predict_probs
+from facemodels.preprocess import normalize
 from training.data.aligned_views import mix_views
-from training.data.transforms import BatchAugment, eval_views, normalize
+from training.data.transforms import BatchAugment
 from training.ema import WeightAverage
-from training.models.cfg import ModelCfg
-from training.runtime import autocast
 
-__all__ = ["Distillation", "EvalResult", "evaluate", "predict_probs", "soft_cross_entropy",
-           "soft_target_kl", "train_one_epoch"]
+__all__ = ["Distillation", "EvalResult", "evaluate", "soft_cross_entropy", "soft_target_kl",
+           "train_one_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def soft_cross_entropy(
     return (per_sample * w).sum() / w.sum()
 
 
-def _batches(n: int, batch_size: int, order: Tensor) -> list[Tensor]:
+def _batches(batch_size: int, order: Tensor) -> list[Tensor]:
     chunks = list(order.split(batch_size))
     if len(chunks) > 1 and len(chunks[-1]) < 2:  # BatchNorm needs at least two samples
         chunks.pop()
@@ -123,7 +125,7 @@ def train_one_epoch(
         order = torch.multinomial(sample_weights, n, replacement=True, generator=generator)
     else:
         order = torch.randperm(n, generator=generator)
-    batches = _batches(n, batch_size, order)
+    batches = _batches(batch_size, order)
     if max_batches is not None:
         batches = batches[:max_batches]
     total_loss, total_correct, seen = 0.0, 0, 0
@@ -197,37 +199,6 @@ def _distill_loss(hard_loss: Tensor, logits: Tensor, x: Tensor, distill: Distill
         teacher_logits = distill.teacher(x)
     kl = soft_target_kl(logits, teacher_logits, t)
     return (1 - distill.alpha) * hard_loss + distill.alpha * t * t * kl
-
-
-@torch.inference_mode()
-def predict_probs(
-    model: nn.Module,
-    images: Tensor,
-    *,
-    tta: bool = False,
-    batch_size: int = 256,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = True,
-) -> Tensor:
-    """Class probabilities ``(N, C)`` (CPU, float32) for uint8 ``images`` on the model's device.
-
-    With ``tta`` the softmax is averaged over the 10 crops (corners, centre and mirrors).
-    """
-    model.eval()
-    cfg: ModelCfg = model.cfg
-    device = next(model.parameters()).device
-    out = []
-    for chunk in images.split(batch_size):
-        views = eval_views(chunk.to(device), cfg, tta=tta)  # (V, n, C, s, s)
-        v, n = views.shape[:2]
-        x = views.flatten(0, 1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        probs = logits.float().softmax(1).view(v, n, -1).mean(0)
-        out.append(probs.cpu())
-    return torch.cat(out) if out else torch.empty(0, cfg.num_classes)
 
 
 def evaluate(

@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.checkpoint import load_checkpoint, save_checkpoint
+from facemodels.checkpoint import load_checkpoint, save_checkpoint
+from facemodels.device import AMP_CHOICES, resolve_amp, resolve_device
+from facemodels.predict import predict_probs
 from training.data.dataset import FaceDataset
-from training.data.fer2013 import load_fer2013
-from training.engine import evaluate, predict_probs
+from training.data.fer2013 import DEFAULT_DATA, SELECTION_SPLIT, load_fer2013, selection_split
+from training.engine import evaluate
 from training.metrics import classification_report
 from training.plots import plot_confusion_matrix
-from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, resolved_args
-from training.train_classifier import DEFAULT_DATA, SELECTION_SPLIT, selection_split
+from training.runtime import resolved_args
 
 __all__ = ["ensemble_main", "eval_main", "get_ensemble_parser", "get_eval_parser", "load_model"]
 
@@ -53,7 +54,7 @@ def load_model(paths: list[Path], device: torch.device) -> tuple[nn.Module, str]
     if len(paths) == 1:
         model, card = load_checkpoint(paths[0], device=device)
         return model, card["arch"]
-    from training.models.ensemble import ensemble_from_checkpoints
+    from facemodels.models.ensemble import ensemble_from_checkpoints
 
     model = ensemble_from_checkpoints(paths).to(device).eval()
     return model, "ensemble(" + ",".join(p.name for p in paths) + ")"
@@ -114,7 +115,7 @@ def get_ensemble_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def ensemble_main(args: argparse.Namespace) -> dict[str, Any]:
     """Fit (or average) member weights on PublicTest and save the ensemble checkpoint."""
-    from training.models.ensemble import SoftVotingEnsemble, ensemble_from_checkpoints, fit_ensemble_weights
+    from facemodels.models.ensemble import SoftVotingEnsemble, ensemble_from_checkpoints, fit_ensemble_weights
 
     device = resolve_device(args.device)
     data = load_fer2013(args.data, cache_dir=args.cache_dir)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import card_path, load_checkpoint, save_checkpoint, weights_path
+from facemodels.checkpoint import card_path, load_checkpoint, save_checkpoint, weights_path
 
 __all__ = ["export_main", "get_export_parser"]
 

@@ -19,42 +19,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.checkpoint import (
+from facemodels.checkpoint import (
     CheckpointError,
     init_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
     update_card,
 )
+from facemodels.device import AMP_CHOICES, resolve_amp, resolve_device
+from facemodels.models import create_model, list_models
 from training.data.aligned_views import cached_aligned_views
 from training.data.dataset import FaceDataset
-from training.data.fer2013 import load_fer2013
+from training.data.fer2013 import DEFAULT_DATA, SELECTION_SPLIT, load_fer2013, selection_split
 from training.data.transforms import BatchAugment
 from training.ema import WeightAverage
 from training.engine import Distillation, evaluate, train_one_epoch
 from training.metrics import classification_report
-from training.models import create_model, list_models
 from training.plots import plot_confusion_matrix, plot_training_curves
-from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, resolved_args, seed_everything
+from training.runtime import resolved_args, seed_everything
 from training.train_state import load_train_state, save_train_state
 
-__all__ = ["SELECTION_SPLIT", "get_args_parser", "main", "selection_split"]
+__all__ = ["get_args_parser", "main"]
 
 log = logging.getLogger(__name__)
 
 #: The only split used for model selection, early stopping and ensemble weights.
-SELECTION_SPLIT = "PublicTest"
-DEFAULT_DATA = "../shared/data/fer2013"
-
-
-def selection_split(dataset: FaceDataset) -> FaceDataset:
-    """The PublicTest part of ``dataset``; selecting on anything else is not possible."""
-    val = dataset.split(SELECTION_SPLIT)
-    if len(val) == 0:
-        raise ValueError(f"the dataset has no {SELECTION_SPLIT} samples to select models on")
-    return val
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a FER2013 classifier", add_help=add_help)
     p.add_argument("--model", default="compact_resnet", help=f"one of {list_models()}")

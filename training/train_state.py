@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from training.checkpoint import CheckpointError
+from facemodels.atomic import save_safetensors_atomically, write_text_atomically
+from facemodels.checkpoint import CheckpointError
 
 __all__ = ["load_train_state", "save_train_state"]
 
@@ -82,11 +83,8 @@ def save_train_state(
     }
     tpath, jpath = _paths(stem)
     tpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp_t, tmp_j = tpath.with_name(tpath.name + ".tmp"), jpath.with_name(jpath.name + ".tmp")
-    save_file(tensors, str(tmp_t))
-    tmp_j.write_text(json.dumps(_jsonable(meta), indent=1))
-    tmp_t.replace(tpath)
-    tmp_j.replace(jpath)
+    save_safetensors_atomically(tpath, tensors)
+    write_text_atomically(jpath, json.dumps(_jsonable(meta), indent=1))
 
 
 def load_train_state(

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.faces import detection_out
 from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, read_uploads
-from service.deps import MetricsDep, ReadyEngineDep, SettingsDep, require_api_key
+from service.deps import ReadyEngineDep, SettingsDep, require_api_key
+from service.metrics import note_faces
 from service.schemas import DetectResponse, ImageInfo
 
 router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
@@ -17,12 +18,12 @@ router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
 @router.post("/detect", response_model=DetectResponse, openapi_extra=IMAGE_REQUEST_BODY,
              summary="Detect faces")
 async def detect(
-    request: Request, engine: ReadyEngineDep, settings: SettingsDep, metrics: MetricsDep,
+    request: Request, engine: ReadyEngineDep, settings: SettingsDep,
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> DetectResponse:
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
     faces = await engine.detect(image, max_faces=max_faces)
-    metrics.faces.observe(len(faces))
+    note_faces(request, len(faces))
     h, w = image.shape[:2]
     return DetectResponse(image=ImageInfo(width=w, height=h), faces=[detection_out(f) for f in faces])

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.api.faces import detection_out
 from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, read_uploads
-from service.deps import MetricsDep, ReadyEngineDep, SettingsDep, require_api_key
+from service.deps import ReadyEngineDep, SettingsDep, require_api_key
 from service.errors import ApiError
 from service.inference.decode import encode_png
 from service.inference.pipeline import FrontalizerUnavailableError
+from service.metrics import note_faces
 from service.schemas import FrontalFace, FrontalizeResponse, ImageInfo, ModelRef
 
 router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
@@ -23,7 +24,7 @@ router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
              responses={200: {"content": {"image/png": {}}}},
              summary="Frontalised face crops (JSON with base64 PNGs, or ?format=png for one face)")
 async def frontalize(
-    request: Request, engine: ReadyEngineDep, settings: SettingsDep, metrics: MetricsDep,
+    request: Request, engine: ReadyEngineDep, settings: SettingsDep,
     format: Literal["json", "png"] = "json",
     face: Annotated[int, Query(ge=0, description="which face (best first) for format=png")] = 0,
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
@@ -34,7 +35,7 @@ async def frontalize(
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
     faces = await engine.detect(image, max_faces=max_faces)
-    metrics.faces.observe(len(faces))
+    note_faces(request, len(faces))
     if format == "png":
         if face >= len(faces):
             raise ApiError(422, "no_face", f"face {face} requested but {len(faces)} face(s) detected")

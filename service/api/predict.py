@@ -11,11 +11,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from service.api.faces import prediction_out
 from service.api.inputs import IMAGE_REQUEST_BODY, Upload, decode_upload, read_uploads
 from service.config import Settings
-from service.deps import MetricsDep, ReadyEngineDep, SettingsDep, require_api_key
+from service.deps import ReadyEngineDep, SettingsDep, require_api_key
 from service.errors import ApiError
 from service.inference.decode import ImageError
 from service.inference.pipeline import FrontalizeMode, InferenceEngine
-from service.metrics import Metrics
+from service.metrics import note_error, note_faces
 from service.schemas import BatchItem, BatchPredictResponse, ErrorBody, ImageInfo, ModelRef, PredictResponse
 
 router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
@@ -24,7 +24,7 @@ ModelName = Literal["default", "ensemble"]
 
 
 async def _predict_image(
-    image: np.ndarray, engine: InferenceEngine, metrics: Metrics, settings: Settings, *,
+    request: Request, image: np.ndarray, engine: InferenceEngine, settings: Settings, *,
     model: str, tta: bool | None, max_faces: int | None, detect: bool, frontalize: FrontalizeMode,
 ) -> PredictResponse:
     if model not in engine.classifiers:
@@ -34,7 +34,7 @@ async def _predict_image(
     results = await engine.predict(image, model=model, tta=use_tta, max_faces=max_faces, detect=detect,
                                    frontalize=frontalize)
     if detect:
-        metrics.faces.observe(len(results))
+        note_faces(request, len(results))
     clf = engine.classifier(model)
     h, w = image.shape[:2]
     return PredictResponse(
@@ -48,7 +48,7 @@ async def _predict_image(
 @router.post("/predict", response_model=PredictResponse, openapi_extra=IMAGE_REQUEST_BODY,
              summary="Emotion probabilities for every face")
 async def predict(
-    request: Request, engine: ReadyEngineDep, settings: SettingsDep, metrics: MetricsDep,
+    request: Request, engine: ReadyEngineDep, settings: SettingsDep,
     model: ModelName = "default",
     tta: Annotated[bool | None, Query(description="10-crop TTA; default from settings")] = None,
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
@@ -59,14 +59,14 @@ async def predict(
 ) -> PredictResponse:
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
-    return await _predict_image(image, engine, metrics, settings, model=model, tta=tta,
+    return await _predict_image(request, image, engine, settings, model=model, tta=tta,
                                 max_faces=max_faces, detect=detect, frontalize=frontalize)
 
 
 @router.post("/predict/batch", response_model=BatchPredictResponse,
              summary="Several images in one request (multipart 'files', or JSON 'images')")
 async def predict_batch(
-    request: Request, engine: ReadyEngineDep, settings: SettingsDep, metrics: MetricsDep,
+    request: Request, engine: ReadyEngineDep, settings: SettingsDep,
     model: ModelName = "default",
     tta: bool | None = None,
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
@@ -79,9 +79,9 @@ async def predict_batch(
         try:
             image = await decode_upload(upload, settings)
         except ImageError as e:
-            metrics.errors.labels(kind=e.code).inc()
+            note_error(request, e.code)
             return BatchItem(filename=upload.filename, error=ErrorBody(code=e.code, message=e.message))
-        result = await _predict_image(image, engine, metrics, settings, model=model, tta=tta,
+        result = await _predict_image(request, image, engine, settings, model=model, tta=tta,
                                       max_faces=max_faces, detect=detect, frontalize=frontalize)
         return BatchItem(filename=upload.filename, result=result)
 

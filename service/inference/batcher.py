@@ -2,7 +2,8 @@
 
 Usage::
 
-    batcher = DynamicBatcher(model_fn, name="classifier", max_batch_size=32, max_wait_ms=5.0)
+    batcher = DynamicBatcher(model_fn, name="classifier", max_batch_size=settings.max_batch_size,
+                             max_wait_ms=settings.max_wait_ms)
     await batcher.start()                       # in the app lifespan
     probs = await batcher.submit(face)          # one face
     many = await batcher.submit_many(faces)     # several faces of one request, all or nothing
@@ -196,7 +197,7 @@ class DynamicBatcher(Generic[In, Out]):
         fn: Callable[[list[In]], Sequence[Out]],
         *,
         name: str,
-        max_batch_size: int = 32,
+        max_batch_size: int,
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
         observer: BatchObserver | None = None,

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.engine import predict_probs
-from training.models.cfg import ModelCfg
+from facemodels.checkpoint import load_checkpoint
+from facemodels.models.cfg import ModelCfg
+from facemodels.predict import predict_probs
 
 __all__ = ["Classifier", "FaceJob"]
 
@@ -30,7 +30,7 @@ class FaceJob:
 class Classifier:
     """A checkpoint loaded once onto ``device``; calling it classifies a batch of :class:`FaceJob`.
 
-    The preprocessing is :func:`training.engine.predict_probs`, the same code that evaluates the
+    The preprocessing is :func:`facemodels.predict.predict_probs`, the same code that evaluates the
     model in training, driven by the :class:`ModelCfg` stored with the weights.
     """
 

@@ -1,41 +1,27 @@
 """The GAN frontaliser as a service model: pose-framed crops in, frontal faces out.
 
 The checkpoint's card says where frontalising helped expression accuracy
-(``metrics["FER2013-PublicTest"]["frontalize_helps"]``: yaw bins such as ``">=45°"``), and
-``frontalize=auto`` only frontalises faces whose |yaw| falls in one of those bins.
+(``metrics["FER2013-PublicTest"]["frontalize_helps"]``: |yaw| ranges as numbers, see
+:class:`~facemodels.frontalizer.yaw.YawRange`), and ``frontalize=auto`` only frontalises faces
+whose |yaw| falls in one of them.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.gan.frontalizer import frontalize_faces
+from facemodels.checkpoint import CheckpointError, card_path, load_checkpoint
+from facemodels.frontalizer.model import frontalize_faces
+from facemodels.frontalizer.yaw import YawRange
 
-__all__ = ["FrontalizerModel", "parse_yaw_bin"]
+__all__ = ["FrontalizerModel"]
 
 log = logging.getLogger(__name__)
-_BIN = re.compile(r"^\s*(?:(?P<lt><)\s*(?P<hi>[\d.]+)|(?P<ge>>=)\s*(?P<lo>[\d.]+)|"
-                  r"(?P<a>[\d.]+)\s*-\s*(?P<b>[\d.]+))\s*°?\s*$")
-
-
-def parse_yaw_bin(label: str) -> tuple[float, float] | None:
-    """``"<15°"`` -> (0, 15), ``"15-30°"`` -> (15, 30), ``">=45°"`` -> (45, inf); else None."""
-    m = _BIN.match(label)
-    if m is None:
-        return None
-    if m["lt"]:
-        return 0.0, float(m["hi"])
-    if m["ge"]:
-        return float(m["lo"]), math.inf
-    return float(m["a"]), float(m["b"])
 
 
 class FrontalizerModel:
@@ -48,9 +34,12 @@ class FrontalizerModel:
         self.model.requires_grad_(False)
         self.size: int = self.model.cfg.image_size
         helps = self.card.get("metrics", {}).get("FER2013-PublicTest", {}).get("frontalize_helps", [])
-        self.helpful_yaw: list[tuple[float, float]] = [r for r in map(parse_yaw_bin, helps) if r]
+        try:
+            self.helpful_yaw: list[YawRange] = [YawRange.from_json(r) for r in helps]
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint card {card_path(path)}: bad frontalize_helps: {e}") from e
         log.info("loaded frontalizer from %s (%dx%d); auto frontalises |yaw| in %s", path,
-                 self.size, self.size, self.helpful_yaw or "no bin")
+                 self.size, self.size, [r.label for r in self.helpful_yaw] or "no bin")
 
     @property
     def version(self) -> str:
@@ -62,8 +51,7 @@ class FrontalizerModel:
 
     def helps_at(self, yaw: float) -> bool:
         """Whether the card's evaluation found frontalising helps at this |yaw|."""
-        a = abs(yaw)
-        return any(lo <= a < hi for lo, hi in self.helpful_yaw)
+        return any(r.contains(yaw) for r in self.helpful_yaw)
 
     def __call__(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         """Frontal faces (uint8, ``size`` square) for pose-framed crops (batcher worker thread)."""

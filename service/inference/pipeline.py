@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from facemodels.device import resolve_device
+from facemodels.face.align import align_face, resize_face
+from facemodels.face.detector import Detection, RetinaFaceDetector
+from facemodels.face.pose import estimate_yaw
+from facemodels.face.pose_framing import align_pose_face
 from service.config import Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
 from service.inference.classifier import Classifier, FaceJob
-from service.inference.detector import Detection, RetinaFaceDetector
 from service.inference.frontalizer import FrontalizerModel
-from training.data.align import align_face, resize_face
-from training.data.pose import estimate_yaw
-from training.data.pose_framing import align_pose_face
-from training.runtime import resolve_device
 
 __all__ = [
     "FaceResult",

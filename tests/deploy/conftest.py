@@ -21,7 +21,7 @@ def face_jpeg() -> bytes:
 @pytest.fixture(scope="session")
 def detector_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RetinaFace weights converted once per session into a temporary cache."""
-    from service.inference.retinaface_convert import (
+    from facemodels.face.retinaface_convert import (
         INSTALL_HINT,
         SOURCE_DISTRIBUTION,
         ConversionError,
@@ -44,8 +44,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (untrained, seeded) compact classifier checkpoint."""
     import torch
 
-    from training.checkpoint import save_checkpoint
-    from training.models import create_model
+    from facemodels.checkpoint import save_checkpoint
+    from facemodels.models import create_model
 
     torch.manual_seed(0)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", create_model("compact_resnet_s"),

@@ -119,8 +119,9 @@ def test_dockerignore_lets_the_build_context_through() -> None:
             if word == "COPY" and "--from=" not in args:
                 for src in args.split()[:-1]:
                     assert src.rstrip("/") in allowed, f"{dockerfile.name}: .dockerignore drops {src}"
-    for path in ("pyproject.toml", "README.md", "training", "service", "checkpoints"):
+    for path in ("pyproject.toml", "README.md", "facemodels", "service", "checkpoints"):
         assert path in allowed
+    assert "training" not in allowed, "the serving images carry no training code"
 
 
 # --- compose -------------------------------------------------------------------------------

@@ -11,10 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from facemodels.classes import FER_CLASSES
 from service.main import create_app
-from training.classes import FER_CLASSES
 
-pytestmark = pytest.mark.e2e
 JPEG = {"content-type": "image/jpeg"}
 
 
@@ -221,7 +220,7 @@ def test_api_key(make_settings, face_jpeg: bytes) -> None:
 
 
 def test_missing_checkpoint_stops_startup(make_settings, tmp_path) -> None:
-    from training.checkpoint import CheckpointError
+    from facemodels.checkpoint import CheckpointError
 
     app = create_app(make_settings(classifier_checkpoint=tmp_path / "missing.safetensors"))
     with pytest.raises(CheckpointError, match="missing"), TestClient(app):

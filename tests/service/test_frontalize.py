@@ -13,36 +13,47 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.inference.frontalizer import parse_yaw_bin
+from facemodels.checkpoint import CheckpointError, save_checkpoint
+from facemodels.frontalizer.yaw import YawRange
+from facemodels.models import create_model
+from service.inference.frontalizer import FrontalizerModel
 from service.main import create_app
-from training.checkpoint import save_checkpoint
-from training.models import create_model
 
-pytestmark = pytest.mark.e2e
 JPEG = {"content-type": "image/jpeg"}
 KWARGS = {"width": 8, "feat_dim": 32, "noise_dim": 8, "d_width": 8}
 
 
-def _frontalizer(path: Path, helps: list[str]) -> Path:
+def _frontalizer(path: Path, helps: list[YawRange] | list[str]) -> Path:
     torch.manual_seed(0)
     model = create_model("frontalizer", num_classes=3, **KWARGS)
     return save_checkpoint(path, model, arch="frontalizer", model_kwargs=KWARGS,
-                           metrics={"FER2013-PublicTest": {"frontalize_helps": helps}})
+                           metrics={"FER2013-PublicTest": {"frontalize_helps": [
+                               h.to_json() if isinstance(h, YawRange) else h for h in helps]}})
 
 
 @pytest.fixture(scope="module")
 def frontal_client(make_settings, tmp_path_factory: pytest.TempPathFactory):
     """The frontaliser's card says it helps at every yaw; auto applies from 0 degrees."""
-    ckpt = _frontalizer(tmp_path_factory.mktemp("fz") / "fz", ["<15°", "15-30°", "30-45°", ">=45°"])
+    every_bin = [YawRange(0, 15), YawRange(15, 30), YawRange(30, 45), YawRange(45)]
+    ckpt = _frontalizer(tmp_path_factory.mktemp("fz") / "fz", every_bin)
     with TestClient(create_app(make_settings(frontalizer_checkpoint=ckpt, frontalize_min_yaw=0))) as c:
         yield c
 
 
-def test_yaw_bins_parse() -> None:
-    assert parse_yaw_bin("<15°") == (0.0, 15.0)
-    assert parse_yaw_bin("15-30°") == (15.0, 30.0)
-    assert parse_yaw_bin(">=45°") == (45.0, float("inf"))
-    assert parse_yaw_bin("no face found") is None
+def test_yaw_ranges_are_numbers_in_the_card(tmp_path: Path) -> None:
+    ckpt = _frontalizer(tmp_path / "fz", [YawRange(15, 30), YawRange(45)])
+    card = json.loads(ckpt.with_suffix(".json").read_text())
+    assert card["metrics"]["FER2013-PublicTest"]["frontalize_helps"] == [
+        {"min_abs_yaw": 15.0, "max_abs_yaw": 30.0}, {"min_abs_yaw": 45.0, "max_abs_yaw": None}]
+    model = FrontalizerModel(ckpt, device=torch.device("cpu"))
+    assert [model.helps_at(y) for y in (0, 14.9, 15, -29.9, 30, 44, 45, -90)] == [
+        False, False, True, True, False, False, True, True]
+
+
+def test_a_display_string_in_the_card_is_a_clear_error(tmp_path: Path) -> None:
+    ckpt = _frontalizer(tmp_path / "fz", [">=45°"])
+    with pytest.raises(CheckpointError, match=r"fz\.json.*frontalize_helps"):
+        FrontalizerModel(ckpt, device=torch.device("cpu"))
 
 
 def test_frontalize_json_returns_a_png_per_face(frontal_client: TestClient, face_jpeg: bytes) -> None:
@@ -85,7 +96,7 @@ def test_predict_frontalize_modes(frontal_client: TestClient, face_jpeg: bytes) 
 
 def test_auto_only_where_the_card_says_it_helps(make_settings, tmp_path: Path,
                                                 face_jpeg: bytes) -> None:
-    ckpt = _frontalizer(tmp_path / "fz", [">=45°"])
+    ckpt = _frontalizer(tmp_path / "fz", [YawRange(45)])
     with TestClient(create_app(make_settings(frontalizer_checkpoint=ckpt, frontalize_min_yaw=0))) as c:
         (face,) = c.post("/predict?frontalize=auto", content=face_jpeg, headers=JPEG).json()["faces"]
         assert face["frontalized"] is False  # a near-frontal face is not in the >=45° bin

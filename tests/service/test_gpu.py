@@ -23,8 +23,8 @@ def test_service_runs_on_cuda(make_settings, face_jpeg: bytes) -> None:
 
 
 def test_cuda_and_cpu_agree(tiny_checkpoint: Path) -> None:
-    from training.checkpoint import load_checkpoint
-    from training.engine import predict_probs
+    from facemodels.checkpoint import load_checkpoint
+    from facemodels.predict import predict_probs
 
     faces = torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8)
     cpu_model, _ = load_checkpoint(tiny_checkpoint, device="cpu")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from facemodels.models import create_model
 from training.cli import main as cli_main
 from training.data.fer2013 import load_fer2013
 from training.engine import evaluate
-from training.models import create_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -200,7 +200,7 @@ def test_bad_image_fails_by_name_or_is_skipped_on_request(tmp_path: Path,
 def test_aligned_views_go_through_the_detector_once_and_are_cached(
     tmp_path: Path, make_fer_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.inference.retinaface_convert import (
+    from facemodels.face.retinaface_convert import (
         INSTALL_HINT,
         SOURCE_DISTRIBUTION,
         ConversionError,

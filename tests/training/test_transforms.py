@@ -7,15 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from training.data.transforms import (
-    BatchAugment,
-    center_crop,
-    crop_boxes_10,
-    eval_views,
-    normalize,
-    ten_crop,
-)
-from training.models.cfg import ModelCfg
+from facemodels.models.cfg import ModelCfg
+from facemodels.preprocess import center_crop, crop_boxes_10, eval_views, normalize, ten_crop
+from training.data.transforms import BatchAugment
 
 CFG = ModelCfg()
 

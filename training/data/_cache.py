@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facemodels.atomic import save_npz_atomically
 from training.data._images import warn_skipped
 from training.data.dataset import FaceDataset, content_fingerprint
 from training.runtime import cache_root
@@ -30,7 +29,6 @@ __all__ = [
     "cached_build",
     "default_cache_dir",
     "metadata_key",
-    "save_npz_atomically",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,20 +72,6 @@ class Decoded:
         return FaceDataset(images=images, labels=labels, usage=usage,
                            class_names=self.class_names, fingerprint=fingerprint,
                            source=source, paths=tuple(self.paths))
-
-
-def save_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
-    """Write ``arrays`` to ``path`` as ``.npz`` so a concurrent reader sees the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a shared cache dir should stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save(path: Path, d: Decoded, fingerprint: str) -> None:

@@ -1,7 +1,7 @@
 """Aligned views of 48x48 faces: each face as the serving pipeline would crop it.
 
 The service finds a face's 5 landmarks with RetinaFace and warps them onto the FER template
-(:func:`~training.data.align.align_face`). FER2013's own crops are framed more loosely, so a
+(:func:`~facemodels.face.align.align_face`). FER2013's own crops are framed more loosely, so a
 classifier trained on them alone loses about 3 points on served crops
 (``benchmarks/framing.py``). Here each face is upscaled into a grey canvas, like a face in a
 photo, run through the serving detector and aligned with the same function. The trainer mixes
@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.data._cache import default_cache_dir, save_npz_atomically
-from training.data.align import FER_TEMPLATE_48, align_face
+from facemodels.atomic import save_npz_atomically
+from facemodels.face.align import FER_TEMPLATE_48, align_face
+from training.data._cache import default_cache_dir
+from training.runtime import cache_root
 
 __all__ = [
     "CANVAS",
@@ -98,9 +100,9 @@ def cached_aligned_views(
         log.info("aligned views cache hit: %s", path)
         return cached
     if detector is None:
-        from service.inference.detector import RetinaFaceDetector  # the serving detector
+        from facemodels.face.detector import RetinaFaceDetector  # the serving detector
 
-        detector = RetinaFaceDetector.from_cache(score_threshold=0.5, max_side=CANVAS)
+        detector = RetinaFaceDetector.from_cache(cache_root(), score_threshold=0.5, max_side=CANVAS)
     log.info("computing aligned views of %d faces (cached afterwards in %s)", len(array), path)
     landmarks = detect_face_landmarks(array, detector)
     views = align_views(array, landmarks)

@@ -8,12 +8,12 @@ Layout (``../shared/data/cfp``)::
 The 30 fiducials annotate one side of the face (the visible side of a profile; the image-left
 side of a frontal photo): 0-8 jaw contour from the ear down to the chin, 9-11 eyebrow,
 12-17 eye, 18-24 nose (21 is the tip), 25 mouth corner, 26-29 lips. They give the three
-anchors of :mod:`training.data.pose_framing`: eye centre (mean of 12-17), mouth (corner 25)
+anchors of :mod:`facemodels.face.pose_framing`: eye centre (mean of 12-17), mouth (corner 25)
 and nose tip (21). Small vertical offsets (:data:`FIDUCIAL_EYE_DY`,
 :data:`FIDUCIAL_MOUTH_DY`), measured on 300 frontal photos against our RetinaFace detector,
 make these anchors agree with the detector's, so a frontal crop is framed like a served face.
 
-Pose labels (:data:`training.data.pose.POSE_CLASSES`): 0 for the ``frontal`` folder; a profile
+Pose labels (:data:`facemodels.face.pose.POSE_CLASSES`): 0 for the ``frontal`` folder; a profile
 is 2 (``right_profile``) when its nose tip lies right of its ear (mean of fiducials 0-2) in
 the image, else 1. All 2,000 profiles are unambiguous (the nose-ear gap is at least half an
 eye-mouth distance): 1,027 point left, 973 right.
@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.data._cache import default_cache_dir, metadata_key, save_npz_atomically
+from facemodels.atomic import save_npz_atomically
+from facemodels.face.align import warp_face
+from facemodels.face.pose_framing import FaceAnchors, pose_framing_matrix
+from training.data._cache import default_cache_dir, metadata_key
 from training.data._images import decode_gray
-from training.data.align import warp_face
 from training.data.dataset import DatasetError
-from training.data.pose_framing import FaceAnchors, pose_framing_matrix
 
 __all__ = [
     "CFP_CACHE_VERSION",

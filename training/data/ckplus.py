@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.classes import FER_CLASSES
+from facemodels.classes import FER_CLASSES
 from training.data._cache import Decoded
 from training.data._images import decode_many, is_image_file, warn_skipped
 from training.data.dataset import USAGES, DatasetError, FaceDataset, content_fingerprint

@@ -1,7 +1,7 @@
 """FER2013 loader: the image-folder layout or the original ``fer2013.csv``, cached as ``.npz``.
 
 Both forms give the same :class:`FaceDataset`: 48x48 uint8 faces with labels in the original
-FER2013 order (:data:`training.classes.FER_CLASSES`) and the original usage of each face.
+FER2013 order (:data:`facemodels.classes.FER_CLASSES`) and the original usage of each face.
 
 Folder layout::
 
@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from training.classes import FER_CLASSES
+from facemodels.classes import FER_CLASSES
 from training.data._cache import Decoded, cached_build, default_cache_dir, metadata_key
 from training.data._images import decode_many, is_image_file
 from training.data.dataset import USAGES, DatasetError, FaceDataset
 
-__all__ = ["CSV_NAME", "SPLIT_FOLDERS", "default_cache_dir", "load_fer2013"]
+__all__ = ["CSV_NAME", "DEFAULT_DATA", "SELECTION_SPLIT", "SPLIT_FOLDERS", "default_cache_dir",
+           "load_fer2013", "selection_split"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,18 @@ CSV_NAME = "fer2013.csv"
 SPLIT_FOLDERS: dict[str, str] = {"train": "Training", "test": "PublicTest"}
 _SIZE = 48
 
+
+#: The only split models are selected on; PrivateTest is withheld and measured independently.
+SELECTION_SPLIT = "PublicTest"
+DEFAULT_DATA = "../shared/data/fer2013"
+
+
+def selection_split(dataset: FaceDataset) -> FaceDataset:
+    """The PublicTest part of ``dataset``; selecting on anything else is not possible."""
+    val = dataset.split(SELECTION_SPLIT)
+    if len(val) == 0:
+        raise ValueError(f"the dataset has no {SELECTION_SPLIT} samples to select models on")
+    return val
 
 def load_fer2013(
     root: str | Path, *, cache_dir: Path | None = None, skip_bad: bool = False,

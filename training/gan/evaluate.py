@@ -14,7 +14,7 @@ frontaliser's card), plus a sample sheet (profile | frontalised | real frontal, 
    broken, one-sided exact McNemar p < 0.05): what the service's ``auto`` policy uses.
 
 ``--yaw-check`` also runs the detector on the raw CFP eval photos and reports the yaw
-estimate per pose class, validating :func:`training.data.pose.estimate_yaw`.
+estimate per pose class, validating :func:`facemodels.face.pose.estimate_yaw`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import cv2
 import numpy as np
 import torch
 
-from training.checkpoint import load_checkpoint, update_card
+from facemodels.checkpoint import load_checkpoint, update_card
+from facemodels.device import resolve_device
+from facemodels.face.pose import estimate_yaw
+from facemodels.frontalizer.model import Frontalizer, frontalize_faces
 from training.data.aligned_views import detect_face_landmarks
 from training.data.cfp import CfpDataset, load_cfp
-from training.data.pose import estimate_yaw
 from training.gan.fer_eval import evaluate_fer
-from training.gan.frontalizer import Frontalizer, frontalize_faces
 from training.gan.identity import (
     DlibEmbedder,
     Embedder,
@@ -45,7 +46,7 @@ from training.gan.identity import (
     verification_scores,
 )
 from training.gan.sheets import pick_sheet_rows, write_sheet
-from training.runtime import resolve_device
+from training.runtime import cache_root
 
 __all__ = ["evaluate_identity", "get_args_parser", "main", "yaw_check"]
 
@@ -177,9 +178,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     detector = None
     if not args.skip_fer or args.yaw_check:
-        from service.inference.detector import RetinaFaceDetector  # the serving detector
+        from facemodels.face.detector import RetinaFaceDetector  # the serving detector
 
-        detector = RetinaFaceDetector.from_cache(score_threshold=0.5, max_side=320, device=device)
+        detector = RetinaFaceDetector.from_cache(cache_root(), score_threshold=0.5, max_side=320,
+                                                 device=device)
     if not args.skip_fer:
         from training.data.fer2013 import load_fer2013
 
@@ -202,7 +204,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results["fer"] = {"classifier": str(args.classifier), "classifier_arch": ccard["arch"],
                           "split": "PublicTest", "faces": n, "sample_seed": args.seed,
                           "agreement": res.agreement, "bins": bins,
-                          "frontalize_helps": res.helps(), "helps_rule": "McNemar one-sided p < 0.05"}
+                          "frontalize_helps": [r.to_json() for r in res.helps()],
+                          "helps_rule": "McNemar one-sided p < 0.05"}
         for name, k, a, b in res.rows():
             label = "FER PublicTest accuracy" if name == "all" else f"  |yaw| {name}"
             rows.append((label, _fmt(a), _fmt(b), str(k)))

@@ -3,7 +3,7 @@
 DR-GAN's terms keep identity and pose; nothing in them keeps an expression, and CFP faces
 mostly smile or look neutral. This path (``fer-train frontalizer --fer-data ...``) draws
 FER2013 *Training* faces (never PublicTest), frames them as the frontaliser's input
-(:func:`training.gan.frontalizer.fer_crop_to_input`, the yaw-0 framing, since FER2013 faces
+(:func:`facemodels.frontalizer.model.fer_crop_to_input`, the yaw-0 framing, since FER2013 faces
 are mostly frontal), decodes them at the frontal pose and updates G_enc and G_dec with
 
 * ``w_l1`` x L1(fake, input): a frontal face should come back as it went in, and
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.checkpoint import load_checkpoint
-from training.data.transforms import eval_views
+from facemodels.checkpoint import load_checkpoint
+from facemodels.device import autocast
+from facemodels.frontalizer.model import FRONTAL, fer_crop_to_input
+from facemodels.preprocess import eval_views
 from training.engine import soft_target_kl
-from training.gan.frontalizer import FRONTAL, fer_crop_to_input
 from training.gan.losses import l1_loss
 from training.gan.recipe import GanNets
 from training.gan.sampling import to_unit
-from training.runtime import autocast
 
 __all__ = ["ExpressionPath", "load_expression_classifier"]
 

@@ -2,7 +2,7 @@
 
 Each 48x48 face is upscaled x4 into a 320 px canvas (as ``benchmarks/framing.py`` does) so our
 RetinaFace detector finds its five landmarks; they give the yaw estimate
-(:func:`training.data.pose.estimate_yaw`) and the pose-aware framing of the frontaliser input.
+(:func:`facemodels.face.pose.estimate_yaw`) and the pose-aware framing of the frontaliser input.
 Faces the detector misses are resized as they are (the FER framing is the yaw-0 framing) and
 reported in their own bin. The frontalised 64x64 face is resized to 48 and classified.
 """
@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.data.pose import estimate_yaw
-from training.engine import predict_probs
-from training.gan.frontalizer import Frontalizer, fer_crop_to_input, frontalize_faces
+from facemodels.face.pose import estimate_yaw
+from facemodels.frontalizer.model import Frontalizer, fer_crop_to_input, frontalize_faces
+from facemodels.frontalizer.yaw import YawRange
+from facemodels.predict import predict_probs
 
-__all__ = ["YAW_BINS", "FerResult", "evaluate_fer", "mcnemar_helps_p", "yaw_bin_labels"]
+__all__ = ["YAW_BINS", "FerResult", "evaluate_fer", "mcnemar_helps_p", "yaw_ranges"]
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,9 @@ def mcnemar_helps_p(fixed: int, broke: int) -> float:
     return sum(math.comb(n, k) for k in range(fixed, n + 1)) / 2**n
 
 
-def yaw_bin_labels(edges: Sequence[float] = YAW_BINS) -> list[str]:
-    inner = [f"{a:g}-{b:g}°" for a, b in itertools.pairwise(edges)]
-    inner[0] = f"<{edges[1]:g}°"
-    return [*inner, f">={edges[-1]:g}°"]
+def yaw_ranges(edges: Sequence[float] = YAW_BINS) -> list[YawRange]:
+    """The |yaw| bins between consecutive ``edges``, the last one open-ended."""
+    return [YawRange(lo, hi) for lo, hi in itertools.pairwise([*edges, math.inf])]
 
 
 @dataclass
@@ -62,9 +62,8 @@ class FerResult:
         """``(name, mask)`` for all faces, each |yaw| bin and the faces with no detection."""
         absyaw = np.abs(self.yaw)
         masks = [("all", np.ones(len(self.labels), bool))]
-        edges = [*YAW_BINS, np.inf]
-        for label, lo, hi in zip(yaw_bin_labels(), edges[:-1], edges[1:], strict=True):
-            masks.append((label, (absyaw >= lo) & (absyaw < hi)))
+        for r in yaw_ranges():
+            masks.append((r.label, (absyaw >= r.lo) & (absyaw < r.hi)))
         masks.append((NO_FACE, np.isnan(self.yaw)))
         return masks
 
@@ -88,10 +87,11 @@ class FerResult:
             out[name] = (fixed, broke, mcnemar_helps_p(fixed, broke))
         return out
 
-    def helps(self, alpha: float = 0.05) -> list[str]:
-        """Yaw bins (not "all") where frontalising raised accuracy with McNemar p < ``alpha``."""
-        return [name for name, (fixed, broke, p) in self.discordant().items()
-                if name != "all" and fixed > broke and p < alpha]
+    def helps(self, alpha: float = 0.05) -> list[YawRange]:
+        """Yaw bins where frontalising raised accuracy with McNemar p < ``alpha``."""
+        discordant = self.discordant()
+        return [r for r in yaw_ranges()
+                if (d := discordant[r.label])[0] > d[1] and d[2] < alpha]
 
     @property
     def agreement(self) -> float:

@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from facemodels.device import autocast
 from training.gan.losses import LossWeights, class_loss, d_hinge, g_hinge, l1_loss
 from training.gan.networks import Decoder, Discriminator, Encoder
-from training.runtime import autocast
 
 __all__ = ["GENERATION", "RECONSTRUCTION", "GanBatch", "GanNets", "GanRecipe"]
 

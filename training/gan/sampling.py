@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from facemodels.face.pose import POSE_CLASSES, flip_pose
 from training.data.cfp import CfpDataset
-from training.data.pose import POSE_CLASSES, flip_pose
 from training.gan.recipe import GENERATION, RECONSTRUCTION, GanBatch
 
 __all__ = ["PairSampler", "to_unit"]

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facemodels.frontalizer.model import to_uint8
 from training.data.cfp import CfpDataset
-from training.gan.frontalizer import to_uint8
 
 __all__ = ["pick_sheet_rows", "write_sheet"]
 

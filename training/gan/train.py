@@ -22,19 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from facemodels.atomic import save_safetensors_atomically
+from facemodels.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from facemodels.device import AMP_CHOICES, resolve_amp, resolve_device
+from facemodels.frontalizer.model import Frontalizer, default_cfg
 from training.data.cfp import load_cfp
 from training.data.fer2013 import load_fer2013
 from training.gan.expression import ExpressionPath, load_expression_classifier
-from training.gan.frontalizer import Frontalizer, default_cfg
 from training.gan.losses import LossWeights
 from training.gan.networks import Decoder, Discriminator, Encoder
 from training.gan.recipe import GanNets, GanRecipe
 from training.gan.sampling import PairSampler, to_unit
 from training.gan.sheets import pick_sheet_rows, write_sheet
-from training.runtime import AMP_CHOICES, resolve_amp, resolve_device, resolved_args, seed_everything
+from training.runtime import resolved_args, seed_everything
 from training.train_state import load_train_state, save_train_state
 
 __all__ = ["build_nets", "get_args_parser", "inference_model", "main"]
@@ -128,10 +130,8 @@ def _save(out: Path, stem: str, nets: GanNets, recipe: GanRecipe, generator: tor
                            "train_ids": "001-450", "pose_classes_note": "left/right as seen in the image"})
     if not full:
         return
-    tmp = out / f"{stem}_discriminator.safetensors.tmp"
     state = {k: v.detach().cpu().contiguous() for k, v in nets.discriminator.state_dict().items()}
-    save_file(state, str(tmp))
-    tmp.replace(out / f"{stem}_discriminator.safetensors")
+    save_safetensors_atomically(out / f"{stem}_discriminator.safetensors", state)
     for s, opt in ((stem, recipe.opt_g), (f"{stem}_d", recipe.opt_d)):
         save_train_state(out / s, optimizer=opt, scheduler=None, generator=generator, info=info)
 
@@ -150,8 +150,7 @@ def _resume(out: Path, nets: GanNets, recipe: GanRecipe, generator: torch.Genera
 
 
 @torch.no_grad()
-def _sample_sheet(path: Path, nets: GanNets, images: tuple[torch.Tensor, torch.Tensor], size: int,
-                  step: int) -> None:
+def _sample_sheet(path: Path, nets: GanNets, images: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
     """Frontalise the sheet's profiles in eval mode (z = 0), then restore the modes."""
     modes = [(m, m.training) for m in (nets.encoder, nets.decoder)]
     for m, _ in modes:
@@ -272,7 +271,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             count, t0 = 0, time.perf_counter()
         if step % args.sample_every == 0 or step == end:
             sheet = out / "samples" / f"step_{step:06d}.png"
-            _sample_sheet(sheet, nets, sheet_images, args.image_size, step)
+            _sample_sheet(sheet, nets, sheet_images, step)
             (out / "samples" / "latest.png").write_bytes(sheet.read_bytes())
         if step % ckpt_every == 0 or step == end:
             info = {"step": step, "wall_time_s": wall, "total_steps": total}

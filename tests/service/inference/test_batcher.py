@@ -334,7 +334,7 @@ def test_output_count_mismatch_fails_only_that_batch() -> None:
 
 def test_fn_returning_unsized_output_is_a_batch_output_error() -> None:
     async def main() -> None:
-        async with DynamicBatcher(lambda items: (x for x in items), name="t") as batcher:
+        async with DynamicBatcher(lambda items: (x for x in items), name="t", max_batch_size=4) as batcher:
             with pytest.raises(BatchOutputError, match="sized sequence"):
                 await batcher.submit(1)
 
@@ -457,10 +457,10 @@ def test_lifecycle_and_validation() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         DynamicBatcher(Model(), name="t", max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue"):
-        DynamicBatcher(Model(), name="t", max_queue=0)
+        DynamicBatcher(Model(), name="t", max_batch_size=4, max_queue=0)
 
     async def main() -> None:
-        batcher = DynamicBatcher(Model(), name="t")
+        batcher = DynamicBatcher(Model(), name="t", max_batch_size=4)
         assert not batcher.running
         assert batcher.queue_depth == 0
         with pytest.raises(BatcherStoppedError):
@@ -520,8 +520,17 @@ def test_raising_observer_never_breaks_the_worker() -> None:
     run(main())
 
 
-def test_null_observer_accepts_every_call() -> None:
-    observer = NullObserver()
-    observer.on_batch("t", 1, [0.0], 0.0)
-    observer.on_queue_depth("t", 0)
-    observer.on_error("t", "model_error")
+def test_default_null_observer_keeps_the_batcher_serving() -> None:
+    """Without an observer the batcher falls back to NullObserver on every path: batches, a
+    failing batch and queue-depth updates all go through it, and callers still get answers."""
+
+    async def main() -> None:
+        model = Model()
+        async with DynamicBatcher(model, name="t", max_batch_size=2, max_wait_ms=1) as b:
+            assert isinstance(b._observer, NullObserver)
+            assert await asyncio.gather(*(b.submit(x) for x in range(3))) == [0, 2, 4]
+            with pytest.raises(ValueError):
+                await b.submit("poison")
+            assert await b.submit(7) == 14
+
+    run(main())

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
+from facemodels.classes import FER_CLASSES
 from tests.support import require_shared, shared_data_root
-from training.classes import FER_CLASSES
 from training.data.ckplus import CK_CLASSES
 
 SPLIT_OF_USAGE = {"Training": "train", "PublicTest": "test", "PrivateTest": "test"}

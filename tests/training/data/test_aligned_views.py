@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.data.align import FER_TEMPLATE_48
+from facemodels.face.align import FER_TEMPLATE_48
 from training.data.aligned_views import align_views, mix_views
 
 

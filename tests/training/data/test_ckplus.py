@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.classes import FER_CLASSES
+from facemodels.classes import FER_CLASSES
 from training.data.ckplus import (
     CK_CLASSES,
     CK_TO_FER,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.classes import FER_CLASSES
+from facemodels.classes import FER_CLASSES
 from training.data.ckplus import CK_CLASSES, load_ckplus, parse_ck_name, subject_kfold
 from training.data.fer2013 import load_fer2013
 

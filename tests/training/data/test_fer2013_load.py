@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.classes import FER_CLASSES
+from facemodels.classes import FER_CLASSES
 from training.data.dataset import USAGES, FaceDataset
 from training.data.fer2013 import default_cache_dir, load_fer2013
 

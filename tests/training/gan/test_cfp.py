@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from facemodels.face.pose import flip_pose
+from facemodels.face.pose_framing import EYE_Y, MOUTH_Y, NOSE_X, PROFILE_SHIFT, pose_framing_matrix
 from tests.support import require_shared
 from training.data.cfp import cfp_anchors, cfp_pose_label, load_cfp, read_fiducials
 from training.data.dataset import DatasetError
-from training.data.pose import flip_pose
-from training.data.pose_framing import EYE_Y, MOUTH_Y, NOSE_X, PROFILE_SHIFT, pose_framing_matrix
 
 
 def test_load_aligns_labels_and_splits(make_cfp_tree: Callable[..., Path], tmp_path: Path) -> None:

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import save_checkpoint
+from facemodels.checkpoint import save_checkpoint
+from facemodels.frontalizer.yaw import YawRange
+from facemodels.models import create_model
 from training.cli import main as cli_main
 from training.data.cfp import load_cfp
 from training.gan.evaluate import evaluate_identity
-from training.gan.fer_eval import NO_FACE, FerResult, evaluate_fer, mcnemar_helps_p, yaw_bin_labels
+from training.gan.fer_eval import NO_FACE, FerResult, evaluate_fer, mcnemar_helps_p, yaw_ranges
 from training.gan.identity import all_pairs, protocol_pairs, roc_auc, tar_at_far
 from training.gan.recipe import GanNets
 from training.gan.train import inference_model
-from training.models import create_model
 
 
 def test_roc_auc_and_tar() -> None:
@@ -71,7 +72,7 @@ def test_fer_eval_bins(tiny_nets: GanNets) -> None:
     res = evaluate_fer(model, classifier, faces, labels, [sym, turned, None, None, sym, sym])
     rows = {name: (n, a, b) for name, n, a, b in res.rows()}
     assert rows["all"][0] == 6 and rows[NO_FACE][0] == 2
-    assert rows[yaw_bin_labels()[0]][0] == 3 and rows[yaw_bin_labels()[-1]][0] == 1
+    assert rows[yaw_ranges()[0].label][0] == 3 and rows[yaw_ranges()[-1].label][0] == 1
     assert res.frontalised.shape == (6, 48, 48) and 0 <= res.agreement <= 1
 
 
@@ -126,5 +127,5 @@ def test_helps_needs_more_fixed_than_broken_beyond_chance() -> None:
     res = _result(orig, front, yaw)
     d = res.discordant()
     assert d[">=45°"][:2] == (9, 0) and d["30-45°"][:2] == (2, 1) and d["<15°"][:2] == (0, 5)
-    assert res.helps() == [">=45°"]  # 2 fixed vs 1 broken is not evidence; "all" is never listed
-    assert res.helps(alpha=1.0) == ["30-45°", ">=45°"]
+    assert res.helps() == [YawRange(45)]  # 2 fixed vs 1 broken is not evidence; "all" is never listed
+    assert res.helps(alpha=1.0) == [YawRange(30, 45), YawRange(45)]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from facemodels.checkpoint import save_checkpoint
+from facemodels.models import ModelCfg, create_model
 from tests.support import synthetic_face
-from training.checkpoint import save_checkpoint
 from training.cli import main as cli_main
 from training.gan.expression import ExpressionPath, load_expression_classifier
 from training.gan.recipe import GanNets
-from training.models import ModelCfg, create_model
 
 SMALL = {"arch": "compact_resnet_s", "model_kwargs": {}, "cfg": ModelCfg().to_dict()}
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.gan.frontalizer import default_cfg, frontalize_faces, to_uint8
+from facemodels.checkpoint import load_checkpoint, save_checkpoint
+from facemodels.frontalizer.model import default_cfg, frontalize_faces, to_uint8
+from facemodels.models import create_model, list_models
 from training.gan.networks import Decoder, Discriminator, Encoder
 from training.gan.recipe import GanNets
 from training.gan.train import inference_model
-from training.models import create_model, list_models
 
 
 def test_shapes(tiny_nets: GanNets) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.checkpoint import load_checkpoint
+from facemodels.checkpoint import load_checkpoint
 from training.cli import main as cli_main
 
 pytestmark = [pytest.mark.e2e]

@@ -1,0 +1,1 @@
+"""Faces in images: RetinaFace detection, five-point alignment, yaw and pose framing."""

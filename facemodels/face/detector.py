@@ -1,0 +1,263 @@
+"""Batched RetinaFace (MobileNet-0.25) face detection with five landmarks per face.
+
+Usage::
+
+    detector = RetinaFaceDetector.from_cache(cache_dir)       # converts the weights once
+    faces = detector.detect([rgb_a, rgb_b])                   # list[list[Detection]]
+
+Images are resized so their long side is at most ``max_side``; images whose sizes, rounded up
+to a multiple of 32, agree run as one batch (zero-padded, zero being the training mean, i.e.
+the mean colour), and other sizes run as their own sub-batches, so a small image never pays for
+a large one's padding. Priors are generated for the padded size. Images are placed top-left,
+so decoded coordinates need no shift; detections whose centre lies in an image's padding are
+dropped, boxes are clipped to the image, and everything is scaled back to the original pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torchvision.ops import nms
+
+from facemodels.face.retinaface_convert import ensure_detector_weights, sha256_file
+from facemodels.face.retinaface_net import (
+    BGR_MEAN,
+    RetinaFaceNet,
+    decode_boxes,
+    decode_landmarks,
+    prior_boxes,
+)
+
+__all__ = ["Detection", "DetectorWeightsError", "RetinaFaceDetector"]
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 32  # the coarsest stride; padding to a multiple keeps every level's grid exact
+
+
+def _padded_size(image: np.ndarray) -> tuple[int, int]:
+    """(H, W) rounded up to a multiple of the coarsest stride."""
+    h, w = image.shape[:2]
+    return -(-h // _ALIGN) * _ALIGN, -(-w // _ALIGN) * _ALIGN
+
+
+class DetectorWeightsError(RuntimeError):
+    """The detector weights file is missing, corrupt, or does not fit the network."""
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """One face, in the original image's pixel coordinates.
+
+    Attributes:
+        box: ``(x1, y1, x2, y2)``, clipped to the image.
+        score: Face probability in [0, 1].
+        landmarks: Five ``(x, y)`` points in RetinaFace order, named as seen in the image
+            (the subject's own right eye is the image-left eye): image-left eye, image-right
+            eye, nose tip, image-left mouth corner, image-right mouth corner. This is the
+            order of the usual 5-point (ArcFace) alignment template. Points are not clipped.
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: list[tuple[float, float]]
+
+
+class RetinaFaceDetector:
+    """RetinaFace-MobileNet0.25 that detects faces in batches of RGB uint8 images.
+
+    Args:
+        weights: A ``.safetensors`` file from :mod:`facemodels.face.retinaface_convert`;
+            ``None`` uses (and if needed creates) the default cache file.
+        device: Torch device to run on.
+        score_threshold: Keep detections whose face probability exceeds this.
+        nms_threshold: IoU above which a lower-scored overlapping box is suppressed.
+        min_face_size: Drop faces whose box is narrower or shorter than this many original
+            pixels.
+        max_side: Downscale images whose long side exceeds this before detection (speed);
+            ``None`` keeps full resolution.
+        top_k: Candidates per image kept (by score) before NMS.
+        max_faces: Detections per image kept after NMS.
+
+    Raises:
+        DetectorWeightsError: the weights file is missing, corrupt or mismatched.
+    """
+
+    def __init__(
+        self,
+        weights: Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        score_threshold: float = 0.5,
+        nms_threshold: float = 0.4,
+        min_face_size: float = 0.0,
+        max_side: int | None = 640,
+        top_k: int = 5000,
+        max_faces: int = 750,
+    ) -> None:
+        if max_side is not None and max_side < _ALIGN:
+            raise ValueError(f"max_side must be at least {_ALIGN}, got {max_side}")
+        self.weights = Path(weights) if weights is not None else ensure_detector_weights()
+        self.device = torch.device(device)
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.min_face_size = min_face_size
+        self.max_side = max_side
+        self.top_k = top_k
+        self.max_faces = max_faces
+        self.net = _load_net(self.weights).to(self.device, memory_format=torch.channels_last).eval()
+        self._mean = torch.tensor(BGR_MEAN, device=self.device)
+        log.info("RetinaFace detector loaded from %s on %s", self.weights, self.device)
+
+    @classmethod
+    def from_cache(cls, cache_dir: Path, **kwargs: Any) -> RetinaFaceDetector:
+        """Build from ``<cache_dir>/detector/``, converting the weights first if missing.
+
+        Args:
+            cache_dir: the cache root (callers pass their configured one).
+            **kwargs: Options for :class:`RetinaFaceDetector`.
+        """
+        return cls(ensure_detector_weights(cache_dir), **kwargs)
+
+    def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
+        """Detect faces in each image, running the network once for the whole batch.
+
+        Args:
+            images: RGB ``uint8`` arrays of shape (H, W, 3); sizes may differ.
+
+        Returns:
+            One list per image of :class:`Detection`, highest score first.
+        """
+        if not images:
+            return []
+        prepared = [self._resize(_check_image(image, n)) for n, image in enumerate(images)]
+        # Images whose padded sizes differ run as separate sub-batches, so a small image is
+        # never padded up to a large one (that would multiply its cost on CPU).
+        groups: dict[tuple[int, int], list[int]] = {}
+        for n, (img, _) in enumerate(prepared):
+            groups.setdefault(_padded_size(img), []).append(n)
+        results: list[list[Detection]] = [[] for _ in images]
+        with torch.inference_mode():
+            for members in groups.values():
+                resized = [prepared[n][0] for n in members]
+                batch = self._batch(resized)
+                loc, conf, landm = self.net(batch)
+                priors = prior_boxes(batch.shape[2], batch.shape[3], device=self.device)
+                boxes = decode_boxes(loc, priors)
+                points = decode_landmarks(landm, priors)
+                scores = conf[..., 1]
+                for i, n in enumerate(members):
+                    results[n] = self._select(boxes[i], scores[i], points[i], prepared[n][0].shape[:2],
+                                              prepared[n][1], images[n])
+        return results
+
+    def _resize(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+        """Downscale so the long side is at most ``max_side``; return (image, (sx, sy))."""
+        h, w = image.shape[:2]
+        if self.max_side is None or max(h, w) <= self.max_side:
+            return image, (1.0, 1.0)
+        ratio = self.max_side / max(h, w)
+        nw, nh = max(1, round(w * ratio)), max(1, round(h * ratio))
+        small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+        return small, (nw / w, nh / h)
+
+    def _batch(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Mean-subtracted BGR float batch, each image top-left, zero (mean) padded.
+
+        The batch is built as NHWC and returned as an NCHW view, i.e. channels-last memory,
+        which is the faster layout for this network's depthwise convolutions.
+        """
+        height = max(_padded_size(i)[0] for i in images)
+        width = max(_padded_size(i)[1] for i in images)
+        batch = torch.zeros(len(images), height, width, 3, device=self.device)
+        for n, img in enumerate(images):
+            rgb = torch.from_numpy(np.ascontiguousarray(img)).to(self.device)
+            batch[n, : img.shape[0], : img.shape[1]] = rgb.flip(-1).float() - self._mean
+        return batch.permute(0, 3, 1, 2)
+
+    def _select(
+        self,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        points: torch.Tensor,
+        size: tuple[int, int],
+        scale: tuple[float, float],
+        original: np.ndarray,
+    ) -> list[Detection]:
+        """Threshold, drop padding hits, NMS and map one image's detections back."""
+        h, w = size
+        centre_x = (boxes[:, 0] + boxes[:, 2]) / 2
+        centre_y = (boxes[:, 1] + boxes[:, 3]) / 2
+        keep = (scores > self.score_threshold) & (centre_x < w) & (centre_y < h)
+        if self.min_face_size > 0:
+            box_w = (boxes[:, 2] - boxes[:, 0]) / scale[0]
+            box_h = (boxes[:, 3] - boxes[:, 1]) / scale[1]
+            keep &= torch.minimum(box_w, box_h) >= self.min_face_size
+        idx = keep.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return []
+        idx = idx[scores[idx].argsort(descending=True)[: self.top_k]]
+        idx = idx[nms(boxes[idx], scores[idx], self.nms_threshold)[: self.max_faces]]
+        sx, sy = scale
+        factor = torch.tensor([sx, sy], device=boxes.device)
+        oh, ow = original.shape[:2]
+        out_boxes = (boxes[idx].view(-1, 2, 2) / factor).view(-1, 4)
+        out_boxes[:, 0::2] = out_boxes[:, 0::2].clamp(0, ow)
+        out_boxes[:, 1::2] = out_boxes[:, 1::2].clamp(0, oh)
+        out_points = points[idx] / factor
+        return [
+            Detection(
+                box=(b[0], b[1], b[2], b[3]),
+                score=s,
+                landmarks=[(x, y) for x, y in p],
+            )
+            for b, s, p in zip(
+                out_boxes.tolist(), scores[idx].tolist(), out_points.tolist(), strict=True
+            )
+        ]
+
+
+def _check_image(image: np.ndarray, index: int) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise TypeError(f"image {index}: expected a uint8 numpy array")
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image {index}: expected shape (H, W, 3), got {image.shape}")
+    return image
+
+
+def _load_net(path: Path) -> RetinaFaceNet:
+    """Build the network from a safetensors file, checking its card's SHA-256 when present."""
+    if not path.is_file():
+        raise DetectorWeightsError(f"detector weights not found: {path}")
+    card = path.with_suffix(".json")
+    if card.is_file():
+        try:
+            expected = json.loads(card.read_text()).get("weights_sha256")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise DetectorWeightsError(f"unreadable detector card {card}: {exc}") from exc
+        if expected and sha256_file(path) != expected:
+            raise DetectorWeightsError(
+                f"detector weights {path} do not match the SHA-256 in {card}; "
+                "delete both and convert again"
+            )
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DetectorWeightsError(f"cannot read detector weights {path}: {exc}") from exc
+    net = RetinaFaceNet()
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DetectorWeightsError(
+            f"detector weights {path} do not fit RetinaFaceNet: {exc}"
+        ) from exc
+    return net
