@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facemodels.models.cfg import ModelCfg
+from training.data.camera import CameraAugment
 
 __all__ = ["BatchAugment"]
 
@@ -38,6 +39,7 @@ class BatchAugment:
         mixup_alpha: Beta(alpha, alpha) for mixup; 0 turns it off.
         cutmix_alpha: Beta(alpha, alpha) for cutmix; 0 turns it off.
         mix_p: probability that a batch is mixed at all, when either mix is on.
+        camera: photometric and resolution degradations applied first (``None`` = off).
     """
 
     cfg: ModelCfg
@@ -50,16 +52,26 @@ class BatchAugment:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_p: float = 0.5
+    camera: CameraAugment | None = None
 
     def __call__(
         self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Augment ``x`` (normalised floats) and turn integer labels ``y`` into soft targets."""
         g = generator
+        if self.camera is not None:
+            x = self.degrade(x, generator=g)
         x = self.geometric(x, generator=g)
         x = self.erase(x, generator=g)
         targets = F.one_hot(y, self.cfg.num_classes).to(x.dtype)
         return self.mix(x, targets, generator=g)
+
+    def degrade(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Apply :attr:`camera` in pixel space: undo the normalisation, degrade, redo it."""
+        assert self.camera is not None
+        mean = torch.tensor(self.cfg.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.cfg.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (self.camera(x * std + mean, generator=generator) - mean) / std
 
     def geometric(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         n, dev = x.shape[0], x.device
