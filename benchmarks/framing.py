@@ -7,6 +7,11 @@ gap means the alignment template does not reproduce the training framing (train/
 
     python benchmarks/framing.py --checkpoint checkpoints/default runs/other/best
     python benchmarks/framing.py --fit-template --limit 2000      # re-measure the template
+    python benchmarks/framing.py --dataset ckplus                 # zero-shot on CK+ (cross-domain)
+
+With ``--dataset ckplus`` every CK+48 image of the six classes FER2013 shares (contempt has no
+counterpart) is classified zero-shot by the FER2013 model; CK+ has no neutral frames, so the
+table adds rows where the argmax ignores the neutral output.
 
 Prints one table. Not a test.
 """
@@ -30,6 +35,7 @@ from facemodels.checkpoint import load_checkpoint  # noqa: E402
 from facemodels.face.align import FER_TEMPLATE_48, align_face  # noqa: E402
 from facemodels.face.detector import RetinaFaceDetector  # noqa: E402
 from facemodels.predict import predict_probs  # noqa: E402
+from training.data.ckplus import load_ckplus, to_fer_labels  # noqa: E402
 from training.data.fer2013 import load_fer2013  # noqa: E402
 from training.runtime import cache_root  # noqa: E402
 
@@ -56,7 +62,9 @@ def detect_all(detector: RetinaFaceDetector, canvases: list[np.ndarray], batch: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared/data/fer2013"))
+    p.add_argument("--dataset", choices=("fer2013", "ckplus"), default="fer2013",
+                   help="fer2013: PublicTest faces; ckplus: all CK+48 faces of the six shared classes")
+    p.add_argument("--data", default=None, help="dataset folder (default ../shared/data/<dataset>)")
     p.add_argument("--checkpoint", type=Path, nargs="+", default=[ROOT / "checkpoints/default"],
                    help="one or more classifiers, compared on the same detections")
     p.add_argument("--limit", type=int, default=0, help="first N images of the split (0 = all)")
@@ -69,8 +77,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rng = np.random.default_rng(0)
     detector = RetinaFaceDetector.from_cache(cache_root(), score_threshold=0.5, max_side=args.canvas)
-    data = load_fer2013(args.data)
-    split = data.split("Training" if args.fit_template else "PublicTest")
+    if args.dataset == "ckplus":
+        split = to_fer_labels(load_ckplus(args.data or ROOT.parent / "shared/data/ckplus48"))
+    else:
+        data = load_fer2013(args.data or ROOT.parent / "shared/data/fer2013")
+        split = data.split("Training" if args.fit_template else "PublicTest")
     n = len(split) if args.limit <= 0 else min(args.limit, len(split))
     faces = split.images[:n].numpy()
     placed = [to_canvas(f, scale=args.scale, canvas=args.canvas, rng=rng) for f in faces]
@@ -95,19 +106,28 @@ def main() -> None:
     names = ["direct 48x48 (all)", "pipeline (all; miss = wrong-ish grey crop)",
              "direct 48x48 (faces found)", "pipeline (faces found)",
              "gap on faces found (direct - pipeline)", "agreement pipeline vs direct"]
+    if args.dataset == "ckplus":
+        names += ["direct (all), argmax without neutral", "pipeline (all), argmax without neutral"]
     columns = []
     for path in args.checkpoint:
         model, _ = load_checkpoint(path)
-        direct = predict_probs(model, torch.from_numpy(faces)).argmax(1)
+        direct_p = predict_probs(model, torch.from_numpy(faces))
+        direct = direct_p.argmax(1)
         crops = np.stack([
             align_face(placed[i][0], np.asarray(dets[i][0].landmarks), size=model.cfg.image_size)
             if dets[i] else np.full((model.cfg.image_size,) * 2, 128, np.uint8)
             for i in range(n)])
-        piped = predict_probs(model, torch.from_numpy(crops)).argmax(1)
+        piped_p = predict_probs(model, torch.from_numpy(crops))
+        piped = piped_p.argmax(1)
         columns.append([acc(direct, allm), acc(piped, allm), acc(direct, found_t),
                         acc(piped, found_t), acc(direct, found_t) - acc(piped, found_t),
                         (piped == direct).float().mean().item()])
-    print(f"\nFraming check on FER2013 PublicTest, {n} faces x{args.scale} in {args.canvas}px "
+        if args.dataset == "ckplus":
+            neutral = model.cfg.class_names.index("neutral")
+            columns[-1] += [acc(direct_p.index_fill(1, torch.tensor([neutral]), -1).argmax(1), allm),
+                            acc(piped_p.index_fill(1, torch.tensor([neutral]), -1).argmax(1), allm)]
+    where = "CK+48, six FER2013 classes" if args.dataset == "ckplus" else "FER2013 PublicTest"
+    print(f"\nFraming check on {where}, {n} faces x{args.scale} in {args.canvas}px "
           f"canvases; detected {len(found)}/{n} ({det_s / n * 1000:.1f} ms/img); 1-crop accuracy")
     heads = [str(path) for path in args.checkpoint]
     width = max(12, *(len(h) + 2 for h in heads))
