@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The zoo schedule for a small CPU machine (docs/results.md, "The zoo schedule on two CPU
+# cores"): one named run per call, one torch thread, state in $FER_CACHE_DIR/runs/<run>, so it
+# survives a fresh checkout and resumes where it stopped. Start two at a time, in the background:
+#
+#   nohup bash scripts/zoo_cpu.sh vgg19_kd > "$HOME/.cache/fer-service/runs/vgg19_kd.log" 2>&1 &
+#
+# A GPU user runs scripts/train_zoo.sh instead (DEVICE=cuda EPOCHS=250).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${FER_CACHE_DIR:-$HOME/.cache/fer-service}/runs
+DATA=${DATA:-../shared/data/fer2013}
+TEACHER=${TEACHER:-checkpoints/ensemble}
+THREADS=${THREADS:-1}
+run=${1:?usage: zoo_cpu.sh RUN (one of the names below)}
+
+common=(--data "$DATA" --batch-size 128 --half-checkpoint --no-progress --resume --threads "$THREADS"
+        --output-dir "$RUNS/$run")
+kd=(--teacher "$TEACHER" --distill-alpha 0.5 --distill-temp 4)
+
+case "$run" in
+  cnn3_kd)     args=(--model cnn3 --epochs 40 --lr 0.05 --warmup-epochs 1 "${kd[@]}") ;;
+  cnn5_kd)     args=(--model cnn5 --epochs 40 --lr 0.05 --warmup-epochs 1 "${kd[@]}") ;;
+  cnn7_kd)     args=(--model cnn7 --epochs 40 --lr 0.05 --warmup-epochs 1 "${kd[@]}") ;;
+  vgg19_kd)    args=(--model vgg19 --epochs 60 --lr 0.1 --warmup-epochs 2 --aligned-views 0.5 "${kd[@]}") ;;
+  resnet18_kd) args=(--model resnet18 --epochs 40 --lr 0.1 --warmup-epochs 2 --aligned-views 0.5 "${kd[@]}") ;;
+  resnet34_kd) args=(--model resnet34 --epochs 25 --lr 0.1 --warmup-epochs 2 --aligned-views 0.5 "${kd[@]}") ;;
+  # the stronger-student screen: 40 epochs each from scratch, no teacher, same recipe
+  screen_compact)    args=(--model compact_resnet --epochs 40 --lr 0.1 --warmup-epochs 2 --seed 11) ;;
+  screen_compact_fr) args=(--model compact_resnet_fr --epochs 40 --lr 0.1 --warmup-epochs 2 --seed 11) ;;
+  screen_compact_w2) args=(--model compact_resnet_w2 --epochs 40 --lr 0.1 --warmup-epochs 2 --seed 11) ;;
+  *) echo "unknown run '$run'; see the case list in $0" >&2; exit 2 ;;
+esac
+
+exec fer-train classify "${args[@]}" "${common[@]}"
