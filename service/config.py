@@ -3,6 +3,7 @@ os.environ, and :mod:`facemodels` reads none: each setting is passed down from h
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -10,10 +11,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from facemodels.cache import default_cache_root
 
-__all__ = ["DEFAULT_CHECKPOINTS", "Settings"]
+__all__ = ["DEFAULT_CHECKPOINTS", "MODEL_NAME", "RESERVED_MODEL_NAMES", "Settings"]
 
 #: The checkpoints shipped in the repository (``checkpoints/`` beside the packages).
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+#: What a served model's name (``?model=``, a metric label) may look like.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Names that are not free for ``FER_MODELS``: ``default`` and ``ensemble`` have their own
+#: settings, ``detector`` and ``frontalizer`` name the service's other models (batchers, metrics).
+RESERVED_MODEL_NAMES = frozenset({"default", "ensemble", "detector", "frontalizer"})
 
 
 class Settings(BaseSettings):
@@ -34,8 +40,16 @@ class Settings(BaseSettings):
                           "classifier checkpoint if shipped",
     )
     use_shipped_extras: bool = Field(
-        True, description="load ensemble and frontalizer checkpoints found beside the classifier "
-                          "checkpoint when no other path is configured",
+        True, description="serve every classifier checkpoint (<name>.safetensors with its <name>.json "
+                          "card) in the classifier checkpoint's folder as model=<name> (so a shipped "
+                          "ensemble.safetensors is model=ensemble), and use a frontalizer.safetensors "
+                          "there, when no other path is configured",
+    )
+    models: dict[str, Path] = Field(
+        default_factory=dict,
+        description="FER_MODELS: more classifiers to serve, a JSON object of name -> checkpoint path "
+                    '(e.g. {"vgg19": "/models/vgg19.safetensors"}); loaded whatever '
+                    "use_shipped_extras says",
     )
     frontalize_min_yaw: float = Field(
         30.0, ge=0, le=90, description="frontalize=auto only considers faces with |yaw| >= this",
@@ -73,6 +87,19 @@ class Settings(BaseSettings):
         if self.max_queue < self.max_faces:
             raise ValueError(f"max_queue ({self.max_queue}) must be at least max_faces ({self.max_faces})")
         return self
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for name in v:
+            if name in RESERVED_MODEL_NAMES:
+                reserved = ", ".join(sorted(RESERVED_MODEL_NAMES))
+                raise ValueError(f"model name {name!r} is reserved ({reserved}); default and ensemble "
+                                 "have their own settings")
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit")
+        return v
 
     @field_validator("api_key", mode="before")
     @classmethod

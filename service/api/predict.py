@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
@@ -20,7 +20,16 @@ from service.schemas import BatchItem, BatchPredictResponse, ErrorBody, ImageInf
 
 router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
 
-ModelName = Literal["default", "ensemble"]
+#: Any loaded classifier by name: a string, not an enum, since what is loaded depends on the
+#: deployment (FER_MODELS, the checkpoints beside FER_CLASSIFIER_CHECKPOINT). An unknown name is
+#: a 400 ``unknown_model`` that lists the loaded ones.
+ModelName = Annotated[str, Query(
+    description="name of a loaded classifier (GET /models lists them): default is "
+                "FER_CLASSIFIER_CHECKPOINT, ensemble the ensemble if one is loaded, and each other "
+                "name a checkpoint's file stem (model=vgg19 for vgg19.safetensors) or a FER_MODELS key; "
+                "an unknown name is a 400 unknown_model listing the loaded ones",
+    examples=["default"],
+)]
 
 
 async def _predict_image(
@@ -29,7 +38,7 @@ async def _predict_image(
 ) -> PredictResponse:
     if model not in engine.classifiers:
         raise ApiError(400, "unknown_model",
-                       f"model {model!r} is not loaded; available: {', '.join(engine.classifiers)}")
+                       f"model {model[:100]!r} is not loaded; available: {', '.join(engine.classifiers)}")
     use_tta = settings.tta if tta is None else tta
     results = await engine.predict(image, model=model, tta=use_tta, max_faces=max_faces, detect=detect,
                                    frontalize=frontalize)

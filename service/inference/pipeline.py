@@ -9,7 +9,6 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from facemodels.face.pose import estimate_yaw
 from facemodels.face.pose_framing import align_pose_face
 from service.config import Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
+from service.inference.catalog import classifier_specs, frontalizer_path
 from service.inference.classifier import Classifier, FaceJob
 from service.inference.frontalizer import FrontalizerModel
 
@@ -39,19 +39,6 @@ log = logging.getLogger(__name__)
 
 class UnknownModelError(KeyError):
     """A request named a model that is not loaded."""
-
-
-def _configured_or_shipped(configured: Path | None, name: str, *, use_shipped: bool,
-                           folder: Path) -> Path | None:
-    """An optional model's checkpoint: the configured path, else ``<folder>/<name>`` if shipped.
-
-    ``folder`` is the default classifier's folder, so a container that bakes the checkpoints
-    into /opt/fer/checkpoints finds its extras there, like a checkout finds ``checkpoints/``.
-    """
-    if configured is not None:
-        return Path(configured)
-    shipped = folder / f"{name}.safetensors"
-    return shipped if use_shipped and shipped.is_file() else None
 
 
 def face_yaw(face: Detection) -> float | None:
@@ -131,18 +118,12 @@ class InferenceEngine:
             self.detector = RetinaFaceDetector(s.detector_weights, **kwargs)
         else:
             self.detector = RetinaFaceDetector.from_cache(s.cache_dir, **kwargs)
-        self.classifiers["default"] = Classifier(
-            Path(s.classifier_checkpoint), name="default", role="default", device=self.device)
-        shipped_folder = Path(s.classifier_checkpoint).parent
-        ensemble = _configured_or_shipped(s.ensemble_checkpoint, "ensemble",
-                                          use_shipped=s.use_shipped_extras, folder=shipped_folder)
-        if ensemble is not None:
-            self.classifiers["ensemble"] = Classifier(
-                ensemble, name="ensemble", role="ensemble", device=self.device)
-        frontalizer = _configured_or_shipped(s.frontalizer_checkpoint, "frontalizer",
-                                             use_shipped=s.use_shipped_extras, folder=shipped_folder)
+        for spec in classifier_specs(s):  # default first; each checkpoint file loaded once
+            self.classifiers[spec.name] = Classifier(spec.path, name=spec.name, role=spec.role,
+                                                     device=self.device)
+        frontalizer = frontalizer_path(s)
         if frontalizer is not None:
-            self.frontalizer = FrontalizerModel(Path(frontalizer), device=self.device)
+            self.frontalizer = FrontalizerModel(frontalizer, device=self.device)
 
     async def _warmup(self) -> None:
         blank = np.full((240, 320, 3), 127, dtype=np.uint8)

@@ -94,8 +94,9 @@ def test_predict_options(client: TestClient, face_jpeg: bytes) -> None:
     assert plain["faces"][0]["emotions"] != face["emotions"]  # 10-crop averages other views
     _assert_error(client.post("/predict?model=ensemble", content=face_jpeg,
                               headers=JPEG), 400, "unknown_model")
-    _assert_error(client.post("/predict?model=nope", content=face_jpeg,
-                              headers=JPEG), 422, "validation_error")
+    unknown = client.post("/predict?model=nope", content=face_jpeg, headers=JPEG)
+    _assert_error(unknown, 400, "unknown_model")  # any string names a model; only loaded ones answer
+    assert unknown.json()["error"]["message"] == "model 'nope' is not loaded; available: default"
     _assert_error(client.post("/predict?max_faces=0", content=face_jpeg,
                               headers=JPEG), 422, "validation_error")
 
