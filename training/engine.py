@@ -22,6 +22,7 @@ from facemodels.predict import predict_probs
 from facemodels.preprocess import normalize
 from training.data.aligned_views import mix_views
 from training.data.transforms import BatchAugment
+from training.distributed import shard, unwrap
 from training.ema import WeightAverage
 
 __all__ = ["Distillation", "EvalResult", "evaluate", "soft_cross_entropy", "soft_target_kl",
@@ -101,6 +102,9 @@ def train_one_epoch(
     views: Tensor | None = None,
     view_p: float = 0.0,
     ema: WeightAverage | None = None,
+    order_generator: torch.Generator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Train ``model`` for one pass over ``images`` (uint8, on the training device).
 
@@ -113,19 +117,24 @@ def train_one_epoch(
         views: another view of each image (e.g. the served alignment), the same shape as
             ``images``; each sample is swapped for its view with probability ``view_p``.
         ema: a weight average updated after every optimizer step.
+        order_generator: draws the epoch's order (default ``generator``). Under DDP it must be
+            seeded alike on every rank, so that all ranks shard one and the same order.
+        rank, world_size: train on this rank's shard of the order (:func:`~training.distributed.shard`);
+            ``model`` is then the ``DistributedDataParallel`` wrapper.
 
     Returns:
         mean loss, training accuracy (against the un-mixed labels), images/s and the last lr.
     """
     model.train()
     device = images.device
-    cfg: ModelCfg = model.cfg
+    cfg: ModelCfg = unwrap(model).cfg
     n = images.shape[0]
+    order_gen = order_generator if order_generator is not None else generator
     if sample_weights is not None:
-        order = torch.multinomial(sample_weights, n, replacement=True, generator=generator)
+        order = torch.multinomial(sample_weights, n, replacement=True, generator=order_gen)
     else:
-        order = torch.randperm(n, generator=generator)
-    batches = _batches(batch_size, order)
+        order = torch.randperm(n, generator=order_gen)
+    batches = _batches(batch_size, shard(order, rank, world_size))
     if max_batches is not None:
         batches = batches[:max_batches]
     total_loss, total_correct, seen = 0.0, 0, 0
@@ -163,7 +172,7 @@ def train_one_epoch(
         else:
             optimizer.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(unwrap(model))
         bs = len(idx)
         seen += bs
         total_loss += loss.item() * bs

@@ -5,6 +5,11 @@ Each epoch writes ``last`` (weights, card and training state) so an interrupted 
 most one epoch, appends a line to ``metrics.jsonl`` and redraws ``curves.png``. The best epoch
 on PublicTest is kept as ``best``; at the end it is re-evaluated with 10-crop TTA and its
 confusion matrix is written.
+
+Under ``torchrun --nproc_per_node N`` every process trains a DistributedDataParallel replica on
+its own shard of each epoch (``--batch-size`` per process, so the global batch is N times it);
+rank 0 alone evaluates, decides (best epoch, early stop, plateau lr; broadcast to the others),
+saves and logs. The helpers are in :mod:`training.distributed`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from facemodels.checkpoint import (
     CheckpointError,
@@ -32,6 +38,18 @@ from training.data.aligned_views import cached_aligned_views
 from training.data.dataset import FaceDataset
 from training.data.fer2013 import DEFAULT_DATA, SELECTION_SPLIT, load_fer2013, selection_split
 from training.data.transforms import BatchAugment
+from training.distributed import (
+    broadcast_from_main,
+    check_replicas_in_sync,
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main,
+    main_first,
+    seeded_generator,
+    sum_across_ranks,
+)
 from training.ema import WeightAverage
 from training.engine import Distillation, evaluate, train_one_epoch
 from training.metrics import classification_report
@@ -53,7 +71,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="skip corrupt or malformed images (counted in a warning) instead of failing")
     p.add_argument("--output-dir", type=Path, default=None, help="default: runs/<model>")
     p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="per process: under torchrun the global batch is this x WORLD_SIZE")
     p.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
@@ -157,16 +176,28 @@ def _resume_ema(ema: WeightAverage, out: Path, info: dict[str, Any], device: tor
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run training; return the best checkpoint's card metrics."""
+    """Run training; return the best checkpoint's card metrics (on every rank under torchrun)."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = init_distributed(resolve_device(args.device))
+    if not is_main():  # rank 0 tells the story; the others speak up only when something is wrong
+        root = logging.getLogger()
+        root.setLevel(max(root.getEffectiveLevel(), logging.WARNING))
+    try:
+        return _train(args, device)
+    finally:
+        cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     out = args.output_dir or Path("runs") / args.model
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
+    rank, world_size = get_rank(), get_world_size()
     amp_dtype = resolve_amp(args.amp, device)
-    generator = seed_everything(args.seed)
+    generator = seed_everything(args.seed + rank)
 
-    data = load_fer2013(args.data, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
+    with main_first():  # rank 0 fills the dataset cache, the others then read it
+        data = load_fer2013(args.data, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
     train = _limit(data.split("Training"), args.train_limit, args.seed)
     val = _limit(selection_split(data), args.val_limit, args.seed)
     log.info("data %s: %d training, %d %s images; device %s, amp %s", args.data, len(train),
@@ -189,7 +220,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     train_images, train_labels = train.images.to(device), train.labels.to(device)
     train_views = None
     if args.aligned_views > 0:
-        views, found = cached_aligned_views(train.images, cache_dir=args.cache_dir)
+        with main_first():
+            views, found = cached_aligned_views(train.images, cache_dir=args.cache_dir)
         train_views = views.to(device)
         log.info("aligned views: a face was found in %.1f%% of training images; each sample is "
                  "swapped for its view with p=%.2f", 100 * found, args.aligned_views)
@@ -207,7 +239,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         distill = Distillation(teacher.requires_grad_(False), args.distill_alpha, args.distill_temp)
         log.info("distilling from %s (%s)", args.teacher, tcard["arch"])
 
-    ema = WeightAverage(model, args.ema) if args.ema > 0 else None
+    # The average lives on rank 0, the rank that evaluates and saves it.
+    ema = WeightAverage(model, args.ema) if args.ema > 0 and is_main() else None
     start_epoch, best_acc, best_epoch, wall_before, stale = 0, -1.0, -1, 0.0, 0
     if args.resume and (out / "last.safetensors").is_file():
         state_model, _ = load_checkpoint(out / "last", device=device)
@@ -221,9 +254,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log.info("resumed %s at epoch %d (best %.4f at %d)", out, start_epoch, best_acc, best_epoch)
     elif args.resume:
         log.warning("--resume given but %s has no last checkpoint; starting fresh", out)
-    if start_epoch == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "args.json").write_text(json.dumps(resolved_args(args), indent=2) + "\n")
+    if is_main():
+        if start_epoch == 0:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "args.json").write_text(json.dumps(resolved_args(args), indent=2) + "\n")
+    train_model: nn.Module = model
+    if world_size > 1:  # `model` stays the plain module: it is what gets evaluated and saved
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        log.info("DDP: %d ranks; global batch %d (--batch-size %d per rank); the linear rule "
+                 "scales --lr with the global batch", world_size, args.batch_size * world_size,
+                 args.batch_size)
 
     card_args = resolved_args(args)
     run_start = time.perf_counter()
@@ -231,60 +273,77 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.epoch_budget > 0:
         end_epoch = min(end_epoch, start_epoch + args.epoch_budget)
     for epoch in range(start_epoch, end_epoch):
+        order_generator = None
+        if world_size > 1:  # one order for all ranks to shard; augmentation draws per rank
+            order_generator = seeded_generator(args.seed, epoch)
+            generator = seeded_generator(args.seed, epoch, rank + 1)
         stats = train_one_epoch(
-            model, optimizer, train_images, train_labels, augment=augment,
+            train_model, optimizer, train_images, train_labels, augment=augment,
             batch_size=args.batch_size, amp_dtype=amp_dtype, generator=generator,
             sample_weights=sample_weights, class_weights=class_weights,
             label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, scaler=scaler,
             distill=distill, channels_last=args.channels_last, epoch=epoch,
-            progress=args.progress, views=train_views, view_p=args.aligned_views, ema=ema,
+            progress=args.progress and is_main(), views=train_views, view_p=args.aligned_views,
+            ema=ema, order_generator=order_generator, rank=rank, world_size=world_size,
         )
-        result = raw_result = evaluate(model, val.images, val.labels, amp_dtype=amp_dtype)
-        selected = model
-        if ema is not None:  # the average is what gets selected and shipped
-            selected = ema.module
-            result = evaluate(selected, val.images, val.labels, amp_dtype=amp_dtype)
+        if world_size > 1:  # loss and accuracy averaged over the shards, throughput summed
+            check_replicas_in_sync(model)
+            loss, acc, img_s = sum_across_ranks(
+                [stats["train_loss"], stats["train_acc"], stats["images_per_s"]])
+            stats.update(train_loss=loss / world_size, train_acc=acc / world_size,
+                         images_per_s=img_s)
+        selected = model if ema is None else ema.module  # the average is selected and shipped
+        result = raw_result = None
+        if is_main():
+            result = raw_result = evaluate(model, val.images, val.labels, amp_dtype=amp_dtype)
+            if ema is not None:
+                result = evaluate(selected, val.images, val.labels, amp_dtype=amp_dtype)
+        val_acc = broadcast_from_main(result.accuracy if result is not None else None)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(result.accuracy)
+            scheduler.step(val_acc)
         else:
             scheduler.step()
         wall = wall_before + time.perf_counter() - run_start
-        row = {"epoch": epoch, **stats, "val_loss": result.loss, "val_acc": result.accuracy,
-               "val_split": SELECTION_SPLIT, "wall_time_s": wall}
-        if ema is not None:
-            row["val_acc_raw"] = raw_result.accuracy
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        improved = result.accuracy > best_acc
+        improved = val_acc > best_acc
         if improved:
-            best_acc, best_epoch, stale = result.accuracy, epoch, 0
+            best_acc, best_epoch, stale = val_acc, epoch, 0
         else:
             stale += 1
-        common = {"arch": args.model, "train_args": card_args,
-                  "data_fingerprint": data.fingerprint}
-        extra = {"device": str(device), "epochs_trained": epoch + 1, "wall_time_s": round(wall, 1)}
-        if ema is not None:
-            extra["ema_decay"] = args.ema
-        metrics = {SELECTION_SPLIT: {"acc": result.accuracy, "loss": result.loss, "epoch": epoch}}
-        if improved:
-            save_checkpoint(out / "best", selected, metrics=metrics, extra=extra,
-                            half=args.half_checkpoint, **common)
-        save_checkpoint(out / "last", model, metrics=metrics, extra=extra, **common)
-        info = {"epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
-                "wall_time_s": wall, "stale_epochs": stale}
-        if ema is not None:
-            save_checkpoint(out / "last_ema", ema.module, metrics=metrics, extra=extra, **common)
-            info["ema_updates"] = ema.num_updates
-        save_train_state(out / "last", optimizer=optimizer, scheduler=scheduler,
-                         generator=generator, scaler=scaler, info=info)
-        plot_training_curves(out / "metrics.jsonl", out / "curves.png")
-        log.info("epoch %d: train loss %.4f acc %.4f | %s acc %.4f loss %.4f | %.0f img/s%s",
-                 epoch, stats["train_loss"], stats["train_acc"], SELECTION_SPLIT,
-                 result.accuracy, result.loss, stats["images_per_s"], " *" if improved else "")
-        if args.patience and stale >= args.patience:
+        if is_main():  # rank 0 alone writes: metrics, checkpoints, training state, curves
+            row = {"epoch": epoch, **stats, "val_loss": result.loss, "val_acc": result.accuracy,
+                   "val_split": SELECTION_SPLIT, "wall_time_s": wall}
+            if ema is not None:
+                row["val_acc_raw"] = raw_result.accuracy
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            common = {"arch": args.model, "train_args": card_args,
+                      "data_fingerprint": data.fingerprint}
+            extra = {"device": str(device), "epochs_trained": epoch + 1, "wall_time_s": round(wall, 1)}
+            if ema is not None:
+                extra["ema_decay"] = args.ema
+            if world_size > 1:
+                extra["world_size"] = world_size
+            metrics = {SELECTION_SPLIT: {"acc": result.accuracy, "loss": result.loss, "epoch": epoch}}
+            if improved:
+                save_checkpoint(out / "best", selected, metrics=metrics, extra=extra,
+                                half=args.half_checkpoint, **common)
+            save_checkpoint(out / "last", model, metrics=metrics, extra=extra, **common)
+            info = {"epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
+                    "wall_time_s": wall, "stale_epochs": stale}
+            if ema is not None:
+                save_checkpoint(out / "last_ema", ema.module, metrics=metrics, extra=extra, **common)
+                info["ema_updates"] = ema.num_updates
+            save_train_state(out / "last", optimizer=optimizer, scheduler=scheduler,
+                             generator=generator, scaler=scaler, info=info)
+            plot_training_curves(out / "metrics.jsonl", out / "curves.png")
+            log.info("epoch %d: train loss %.4f acc %.4f | %s acc %.4f loss %.4f | %.0f img/s%s",
+                     epoch, stats["train_loss"], stats["train_acc"], SELECTION_SPLIT,
+                     result.accuracy, result.loss, stats["images_per_s"], " *" if improved else "")
+        if args.patience and stale >= args.patience:  # the same decision on every rank
             log.info("early stop: no %s gain for %d epochs", SELECTION_SPLIT, stale)
             break
-    return finalize_best(out, val, amp_dtype=amp_dtype, device=device)
+    metrics = finalize_best(out, val, amp_dtype=amp_dtype, device=device) if is_main() else None
+    return broadcast_from_main(metrics)
 
 
 def finalize_best(
