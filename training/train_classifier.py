@@ -35,6 +35,7 @@ from facemodels.checkpoint import (
 from facemodels.device import AMP_CHOICES, resolve_amp, resolve_device
 from facemodels.models import create_model, list_models
 from training.data.aligned_views import cached_aligned_views
+from training.data.camera import CameraAugment
 from training.data.dataset import FaceDataset
 from training.data.fer2013 import DEFAULT_DATA, SELECTION_SPLIT, load_fer2013, selection_split
 from training.data.transforms import BatchAugment
@@ -98,6 +99,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--aligned-views", type=float, default=0.0, metavar="P",
                    help="swap each training face for its served alignment (detect -> align, "
                         "computed once and cached) with probability P, to close train/serve skew")
+    p.add_argument("--camera-aug", type=float, default=0.0, metavar="P",
+                   help="camera degradations (down-up sampling, blur, gamma, contrast, noise, JPEG), "
+                        "each applied to an image with probability P; 0 = off")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights (e.g. 0.999) and "
                         "evaluate, select and save it instead of the raw weights; 0 = off")
@@ -216,7 +220,10 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     augment = BatchAugment(
         cfg, flip=args.flip, max_rotate=args.rotate, scale=tuple(args.scale),
         erase_p=args.erase_p, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+        camera=CameraAugment(p=args.camera_aug) if args.camera_aug > 0 else None,
     )
+    if augment.camera is not None:
+        log.info("%s", augment.camera.describe())
     train_images, train_labels = train.images.to(device), train.labels.to(device)
     train_views = None
     if args.aligned_views > 0:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from facemodels.checkpoint import load_checkpoint
 from facemodels.models import create_model
 from training.cli import main as cli_main
 from training.data.fer2013 import load_fer2013
@@ -221,3 +222,16 @@ def test_aligned_views_go_through_the_detector_once_and_are_cached(
     stamp = views_file.stat().st_mtime_ns
     assert _train(root, tmp_path / "again", cache, *common) == 0
     assert views_file.stat().st_mtime_ns == stamp, "the second run recomputed the views"
+
+
+def test_camera_augmentation_trains_and_is_recorded(trained: dict[str, Path], tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "camera"
+    with caplog.at_level("INFO", logger="training.train_classifier"):
+        assert _train(trained["data"], out, trained["cache"], "--epochs", "1",
+                      "--camera-aug", "0.5") == 0
+    assert "camera augmentation p=0.5" in caplog.text
+    card = json.loads((out / "best.json").read_text())
+    assert card["train_args"]["camera_aug"] == 0.5
+    model, _ = load_checkpoint(out / "best")
+    assert model.cfg.num_classes == 7
