@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="require X-API-Key when set")
     cors_origins: list[str] = Field(default_factory=list)
     warmup: bool = Field(True, description="run each model once before reporting ready")
+    web_page: bool = Field(True, description="FER_WEB_PAGE: serve the web page for people at GET / "
+                                            "(photo or webcam, service/static); false: / is a 404")
 
     @model_validator(mode="after")
     def _queue_holds_an_image(self) -> Settings:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import detect, frontalize, health, predict
+from service.api import detect, frontalize, health, page, predict
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.inference.pipeline import InferenceEngine
@@ -65,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(detect.router)
     app.include_router(predict.router)
     app.include_router(frontalize.router)
+    if settings.web_page:
+        app.include_router(page.router)
     return app
 
 
