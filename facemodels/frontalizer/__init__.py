@@ -1,1 +1,2 @@
-"""The GAN frontaliser's inference model: encoder, decoder and pose head, and how to run them."""
+"""Frontalisers' inference code: the GAN (encoder, decoder, pose head; ``model.py``) and the
+warp-only baseline (a 3D mean face and a weak-perspective pose, no learning; ``warp.py``)."""

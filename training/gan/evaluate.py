@@ -15,27 +15,37 @@ frontaliser's card), plus a sample sheet (profile | frontalised | real frontal, 
 
 ``--yaw-check`` also runs the detector on the raw CFP eval photos and reports the yaw
 estimate per pose class, validating :func:`facemodels.face.pose.estimate_yaw`.
+
+``--warp-only`` evaluates the warp-only baseline (:mod:`facemodels.frontalizer.warp`, no
+checkpoint) with the same metrics and inputs (:mod:`training.gan.warp_eval`), plus its pose fit
+on CFP. Identity also reports CFP's frontal-frontal fold 10 (both photos frontalised), where
+the protocol files are present.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
+from torch import Tensor
 
 from facemodels.checkpoint import load_checkpoint, update_card
 from facemodels.device import resolve_device
 from facemodels.face.pose import estimate_yaw
-from facemodels.frontalizer.model import Frontalizer, frontalize_faces
-from training.data.aligned_views import detect_face_landmarks
+from facemodels.frontalizer.model import Frontalizer, default_cfg, frontalize_faces
+from facemodels.frontalizer.warp import MeshWarp
+from facemodels.predict import predict_probs
+from training.data.aligned_views import align_views, detect_face_landmarks
 from training.data.cfp import CfpDataset, load_cfp
-from training.gan.fer_eval import evaluate_fer
+from training.gan.fer_eval import FerFrontaliser, FerResult, evaluate_fer
 from training.gan.identity import (
     DlibEmbedder,
     Embedder,
@@ -46,18 +56,25 @@ from training.gan.identity import (
     verification_scores,
 )
 from training.gan.sheets import pick_sheet_rows, write_sheet
+from training.gan.warp_eval import WarpFrontaliser, cfp_crop_landmarks, pose_fit_summary
 from training.runtime import cache_root
 
-__all__ = ["evaluate_identity", "get_args_parser", "main", "yaw_check"]
+__all__ = ["CfpFrontaliser", "evaluate_identity", "get_args_parser", "main", "yaw_check"]
 
 log = logging.getLogger(__name__)
 Row = tuple[str, str, str, str]
+#: CFP crops -> uint8 ``(N, S, S)`` frontal faces in the same framing.
+CfpFrontaliser = Callable[[CfpDataset], Tensor]
+WARP_OUTPUT = Path("runs/warp_only_eval.json")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate the frontaliser (identity, expression, yaw)",
                                 add_help=add_help)
     p.add_argument("checkpoint", type=Path, nargs="?", default=Path("runs/frontalizer/final"))
+    p.add_argument("--warp-only", action="store_true",
+                   help="evaluate the warp-only baseline (facemodels.frontalizer.warp) instead of a "
+                        "checkpoint (the checkpoint argument is ignored)")
     p.add_argument("--data", default="../shared/data/cfp", help="CFP folder")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--classifier", type=Path, default=Path("checkpoints/default"),
@@ -69,31 +86,56 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--skip-identity", action="store_true")
     p.add_argument("--skip-fer", action="store_true")
     p.add_argument("--yaw-check", action="store_true", help="validate the yaw estimate on raw CFP photos")
-    p.add_argument("--sheet", type=Path, default=Path("docs/frontalizer_samples.png"))
-    p.add_argument("--fer-sheet", type=Path, default=Path("docs/frontalizer_fer_samples.png"),
-                   help="FER2013 original | frontaliser input | frontalised")
+    p.add_argument("--sheet", type=Path, default=None,
+                   help="profile | frontalised | real frontal (default docs/frontalizer_samples.png, "
+                        "with --warp-only docs/frontalizer_warp_samples.png)")
+    p.add_argument("--fer-sheet", type=Path, default=None,
+                   help="FER2013 original | frontaliser input | frontalised (default "
+                        "docs/frontalizer_fer_samples.png, with --warp-only "
+                        "docs/frontalizer_warp_fer_samples.png)")
     p.add_argument("--sample-count", type=int, default=8)
-    p.add_argument("--output", type=Path, default=None, help="JSON (default: beside the checkpoint)")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"JSON (default: beside the checkpoint; with --warp-only {WARP_OUTPUT})")
     p.add_argument("--update-card", action="store_true", help="store the metrics in the checkpoint card")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     return p
 
 
-def evaluate_identity(model: Frontalizer, data_root: Path, frontal: CfpDataset, profile: CfpDataset,
-                      embedder: Embedder) -> dict[str, Any]:
-    """AUC and TAR@FAR=1% of frontal-profile pairs, raw vs frontalised profile crops."""
+def evaluate_identity(model: Frontalizer | CfpFrontaliser, data_root: Path, frontal: CfpDataset,
+                      profile: CfpDataset, embedder: Embedder) -> dict[str, Any]:
+    """AUC and TAR@FAR=1% of frontal-profile pairs, raw vs frontalised profile crops.
+
+    ``model`` is the GAN or any :data:`CfpFrontaliser` (the warp-only baseline). Where CFP's
+    frontal-frontal protocol is present, its fold 10 is scored too, raw and with both photos
+    frontalised.
+    """
+    if isinstance(model, Frontalizer):
+        gan = model
+
+        def run(d: CfpDataset) -> Tensor:
+            return frontalize_faces(gan, d.images, out_size=gan.cfg.image_size)
+    else:
+        run = model
     front_emb = embedder.embed(frontal.images.numpy())
     raw_emb = embedder.embed(profile.images.numpy())
-    fake = frontalize_faces(model, profile.images, out_size=model.cfg.image_size)
-    fake_emb = embedder.embed(fake.numpy())
-    pair_sets = {"FP fold 10": protocol_pairs(data_root, list(frontal.paths), list(profile.paths)),
-                 "all F x P pairs": all_pairs(frontal.identity.numpy(), profile.identity.numpy())}
+    fake_emb = embedder.embed(run(profile).numpy())
+    # name -> (pairs, same, {label: (first member's embeddings, second member's)})
+    pair_sets = {}
+    for name, (pairs, same) in (
+            ("FP fold 10", protocol_pairs(data_root, list(frontal.paths), list(profile.paths))),
+            ("all F x P pairs", all_pairs(frontal.identity.numpy(), profile.identity.numpy()))):
+        pair_sets[name] = (pairs, same, {"raw": (front_emb, raw_emb), "frontalised": (front_emb, fake_emb)})
+    if (data_root / "Protocol" / "Split" / "FF").is_dir():
+        pairs, same = protocol_pairs(data_root, list(frontal.paths), list(frontal.paths), split="FF")
+        ff_emb = embedder.embed(run(frontal).numpy())
+        pair_sets["FF fold 10"] = (pairs, same, {"raw": (front_emb, front_emb),
+                                                 "frontalised": (ff_emb, ff_emb)})
     result: dict[str, Any] = {"embedder": embedder.name}
-    for name, (pairs, same) in pair_sets.items():
+    for name, (pairs, same, variants) in pair_sets.items():
         entry = {"same": int(same.sum()), "different": int((~same).sum())}
-        for label, emb in (("raw", raw_emb), ("frontalised", fake_emb)):
-            s = verification_scores(front_emb, emb, pairs)
+        for label, (a, b) in variants.items():
+            s = verification_scores(a, b, pairs)
             entry[label] = {"auc": roc_auc(s, same), "tar_at_far_1pct": tar_at_far(s, same, 0.01)}
         result[name] = entry
     return result
@@ -123,6 +165,16 @@ def yaw_check(data: CfpDataset, detector: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def _aligned_control(res: FerResult, classifier: torch.nn.Module, faces: Tensor,
+                     landmarks: list[np.ndarray | None]) -> FerResult:
+    """``res`` with its frontalised faces replaced by the plain 2D alignment of the originals
+    (the service's classifier crop; unchanged where no landmarks): separates what the warp
+    does from what the change of framing does."""
+    aligned = torch.from_numpy(align_views(faces.numpy(), landmarks))
+    pred = predict_probs(classifier, aligned).argmax(1)
+    return dataclasses.replace(res, pred_front=pred, frontalised=aligned)
+
+
 def _fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"
 
@@ -144,44 +196,95 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    model, card = load_checkpoint(args.checkpoint, device=device)
-    if card["arch"] != "frontalizer":
-        raise ValueError(f"{args.checkpoint} is a {card['arch']!r}, not a frontalizer")
-    size = model.cfg.image_size
+    warp_only = bool(getattr(args, "warp_only", False))
+    detector = None
+
+    def get_detector() -> Any:
+        nonlocal detector
+        if detector is None:
+            from facemodels.face.detector import RetinaFaceDetector  # the serving detector
+
+            detector = RetinaFaceDetector.from_cache(cache_root(), score_threshold=0.5, max_side=320,
+                                                     device=device)
+        return detector
+
+    model: Frontalizer | None = None
+    card: dict[str, Any] = {}
+    if warp_only:
+        if args.update_card:
+            raise ValueError("--update-card stores metrics in a checkpoint's card; --warp-only has none")
+        size = default_cfg().image_size
+        label, name = "warp-only", "warp-only (no learning)"
+        sheet = args.sheet or Path("docs/frontalizer_warp_samples.png")
+        fer_sheet = args.fer_sheet or Path("docs/frontalizer_warp_fer_samples.png")
+        results: dict[str, Any] = {"frontaliser": "warp-only",
+                                   "method": "facemodels.frontalizer.warp.MeshWarp"}
+    else:
+        model, card = load_checkpoint(args.checkpoint, device=device)
+        if card["arch"] != "frontalizer":
+            raise ValueError(f"{args.checkpoint} is a {card['arch']!r}, not a frontalizer")
+        size = model.cfg.image_size
+        label, name = "with frontaliser", f"{args.checkpoint.name}, {card.get('steps_trained')} steps"
+        sheet = args.sheet or Path("docs/frontalizer_samples.png")
+        fer_sheet = args.fer_sheet or Path("docs/frontalizer_fer_samples.png")
+        results = {"checkpoint": str(args.checkpoint), "steps_trained": card.get("steps_trained")}
     cfp = load_cfp(args.data, size=size, cache_dir=args.cache_dir).split("eval")
     if len(cfp) == 0:
         raise ValueError(f"{args.data}: no evaluation ids (451-500)")
     frontal, profile = cfp.subset(cfp.pose == 0), cfp.subset(cfp.pose != 0)
-    rows: list[Row] = [("metric", "without", "with frontaliser", "n")]
-    results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "steps_trained": card.get("steps_trained")}
+    rows: list[Row] = [("metric", "without", label, "n")]
+
+    cfp_run: CfpFrontaliser
+    fer_run: Frontalizer | FerFrontaliser
+    if warp_only:
+        warp = MeshWarp(size)
+        landmarks = cfp_crop_landmarks(cfp, get_detector())
+        found = np.isfinite(landmarks).all((1, 2))
+        wf = WarpFrontaliser(warp, dict(zip(cfp.paths, landmarks, strict=True)))
+        cfp_run, fer_run = wf.cfp, wf.fer
+        fit = pose_fit_summary(warp, cfp, landmarks)
+        results["warp"] = {"size": size, "mesh_y_scale": warp.y_scale, "pose_fit": fit,
+                           "cfp_landmarks_found": int(found.sum()), "cfp_photos": len(cfp)}
+        rows.append(("CFP 451-500 photos with landmarks", "", f"{int(found.sum())}", str(len(cfp))))
+        for cls, v in fit.items():
+            spread = f"{v['yaw_p5']:.0f}/{v['yaw_median']:.0f}/{v['yaw_p95']:.0f}"
+            rows.append((f"warp fit {cls} yaw p5/median/p95", "", spread, f"{v['found']}/{v['n']}"))
+            rows.append((f"warp fit {cls} rms / eye-mouth", "", f"{v['rms_over_eye_mouth_median']:.3f}",
+                         f"{v['found']}/{v['n']}"))
+    else:
+        assert model is not None
+        gan = model
+
+        def cfp_run(d: CfpDataset) -> Tensor:
+            return frontalize_faces(gan, d.images, out_size=size)
+
+        fer_run = gan
 
     p_idx, f_idx = pick_sheet_rows(cfp, args.sample_count)
-    sheet_fake = frontalize_faces(model, cfp.images[p_idx], out_size=size)
-    write_sheet(args.sheet, cfp.images[p_idx], sheet_fake, cfp.images[f_idx],
-                title=f"{args.checkpoint.name}, {card.get('steps_trained')} steps: CFP ids 451-500")
-    with torch.inference_mode():
-        pose_pred = model.pose_logits(model.preprocess(cfp.images)).argmax(1).cpu()
-    pose_acc = float((pose_pred == cfp.pose).float().mean())
-    results["cfp_pose_accuracy"] = pose_acc
-    rows.append(("CFP 451-500 D_p pose accuracy", _fmt(pose_acc), "", str(len(cfp))))
+    write_sheet(sheet, cfp.images[p_idx], cfp_run(cfp.subset(p_idx)), cfp.images[f_idx],
+                title=f"{name}: CFP ids 451-500",
+                header=("profile in", label if warp_only else "frontalised", "real frontal"))
+    if model is not None:
+        with torch.inference_mode():
+            pose_pred = model.pose_logits(model.preprocess(cfp.images)).argmax(1).cpu()
+        pose_acc = float((pose_pred == cfp.pose).float().mean())
+        results["cfp_pose_accuracy"] = pose_acc
+        rows.append(("CFP 451-500 D_p pose accuracy", _fmt(pose_acc), "", str(len(cfp))))
 
     if not args.skip_identity:
-        ident = evaluate_identity(model, Path(cfp.source), frontal, profile, DlibEmbedder())
+        ident = evaluate_identity(model if model is not None else cfp_run, Path(cfp.source), frontal,
+                                  profile, DlibEmbedder())
         results["identity"] = ident
-        for name in ("FP fold 10", "all F x P pairs"):
-            e = ident[name]
+        for pair_name in ("FP fold 10", "all F x P pairs", "FF fold 10"):
+            if pair_name not in ident:
+                continue
+            e = ident[pair_name]
             n = f"{e['same']}+/{e['different']}-"
             raw, fr = e["raw"], e["frontalised"]
-            rows.append((f"identity {name}: ROC AUC", _fmt(raw["auc"]), _fmt(fr["auc"]), n))
-            rows.append((f"identity {name}: TAR@FAR=1%", _fmt(raw["tar_at_far_1pct"]),
+            rows.append((f"identity {pair_name}: ROC AUC", _fmt(raw["auc"]), _fmt(fr["auc"]), n))
+            rows.append((f"identity {pair_name}: TAR@FAR=1%", _fmt(raw["tar_at_far_1pct"]),
                          _fmt(fr["tar_at_far_1pct"]), n))
 
-    detector = None
-    if not args.skip_fer or args.yaw_check:
-        from facemodels.face.detector import RetinaFaceDetector  # the serving detector
-
-        detector = RetinaFaceDetector.from_cache(cache_root(), score_threshold=0.5, max_side=320,
-                                                 device=device)
     if not args.skip_fer:
         from training.data.fer2013 import load_fer2013
 
@@ -191,35 +294,48 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # PublicTest is stored class by class: a prefix would hold only the first classes.
         pick = torch.randperm(len(fer), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
         faces, labels = fer.images[pick], fer.labels[pick]
-        landmarks = detect_face_landmarks(faces.numpy(), detector)
-        res = evaluate_fer(model, classifier, faces, labels, landmarks)
+        fer_landmarks = detect_face_landmarks(faces.numpy(), get_detector())
+        res = evaluate_fer(fer_run, classifier, faces, labels, fer_landmarks)
         k = min(args.sample_count, n)
-        write_sheet(args.fer_sheet, faces[:k], res.inputs[:k], res.frontalised[:k], scale=3,
-                    header=("FER original", "frontaliser input", "frontalised"),
+        write_sheet(fer_sheet, faces[:k], res.inputs[:k], res.frontalised[:k], scale=3,
+                    header=("FER original", "warp input" if warp_only else "frontaliser input",
+                            label if warp_only else "frontalised"),
                     title="FER2013 PublicTest")
         discordant = res.discordant()
-        bins = {name: {"n": k, "acc": a, "acc_frontalised": b, "fixed": discordant[name][0],
-                       "broke": discordant[name][1], "mcnemar_p": discordant[name][2]}
-                for name, k, a, b in res.rows()}
+        bins = {bin_name: {"n": k, "acc": a, "acc_frontalised": b, "fixed": discordant[bin_name][0],
+                           "broke": discordant[bin_name][1], "mcnemar_p": discordant[bin_name][2]}
+                for bin_name, k, a, b in res.rows()}
         results["fer"] = {"classifier": str(args.classifier), "classifier_arch": ccard["arch"],
                           "split": "PublicTest", "faces": n, "sample_seed": args.seed,
                           "agreement": res.agreement, "bins": bins,
                           "frontalize_helps": [r.to_json() for r in res.helps()],
                           "helps_rule": "McNemar one-sided p < 0.05"}
-        for name, k, a, b in res.rows():
-            label = "FER PublicTest accuracy" if name == "all" else f"  |yaw| {name}"
-            rows.append((label, _fmt(a), _fmt(b), str(k)))
-        rows.append(("FER agreement original vs frontalised", "", _fmt(res.agreement), str(n)))
+        for bin_name, k, a, b in res.rows():
+            row_label = "FER PublicTest accuracy" if bin_name == "all" else f"  |yaw| {bin_name}"
+            rows.append((row_label, _fmt(a), _fmt(b), str(k)))
+        rows.append((f"FER agreement original vs {'warped' if warp_only else 'frontalised'}", "",
+                     _fmt(res.agreement), str(n)))
+        if warp_only:  # control: the warp's output framing without the 3D warp
+            control = _aligned_control(res, classifier, faces, fer_landmarks)
+            results["fer"]["aligned_control"] = {
+                "what": "the same faces 2D-aligned to the FER template (align_face, as served), no warp",
+                "agreement": control.agreement,
+                "bins": {b: {"n": k, "acc": acc} for b, k, _, acc in control.rows()}}
+            for bin_name, k, _, acc in control.rows():
+                row_label = ("FER 2D-aligned only (control) accuracy" if bin_name == "all"
+                             else f"  2D-aligned |yaw| {bin_name}")
+                rows.append((row_label, "", _fmt(acc), str(k)))
     if args.yaw_check:
-        yc = yaw_check(cfp, detector)
+        yc = yaw_check(cfp, get_detector())
         results["yaw_check"] = yc
-        for name, v in yc.items():
+        for cls_name, v in yc.items():
             spread = f"{v['p5']:.0f}/{v['median']:.0f}/{v['p95']:.0f}"
-            rows.append((f"CFP {name} yaw p5/median/p95", spread, "", f"{v['found']}/{v['n']}"))
+            rows.append((f"CFP {cls_name} yaw p5/median/p95", spread, "", f"{v['found']}/{v['n']}"))
 
-    _print_table(f"\nFrontaliser {args.checkpoint} ({card.get('steps_trained')} steps); sheet {args.sheet}",
-                 rows)
-    out = args.output or Path(str(args.checkpoint) + "_eval.json")
+    title = ("Warp-only baseline (facemodels.frontalizer.warp)" if warp_only
+             else f"Frontaliser {args.checkpoint} ({card.get('steps_trained')} steps)")
+    _print_table(f"\n{title}; sheet {sheet}", rows)
+    out = args.output or (WARP_OUTPUT if warp_only else Path(str(args.checkpoint) + "_eval.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=float) + "\n")
     if args.update_card:

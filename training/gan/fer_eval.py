@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +24,12 @@ from facemodels.frontalizer.model import Frontalizer, fer_crop_to_input, frontal
 from facemodels.frontalizer.yaw import YawRange
 from facemodels.predict import predict_probs
 
-__all__ = ["YAW_BINS", "FerResult", "evaluate_fer", "mcnemar_helps_p", "yaw_ranges"]
+__all__ = ["YAW_BINS", "FerFrontaliser", "FerResult", "evaluate_fer", "gan_fer_frontaliser",
+           "mcnemar_helps_p", "yaw_ranges"]
+
+#: ``(faces uint8 (N, 48, 48), their landmarks or None, out_size)`` -> ``(what the frontaliser
+#: got, uint8 (N, S, S); its frontal faces, uint8 (N, out_size, out_size))``.
+FerFrontaliser = Callable[[Tensor, list[np.ndarray | None], int], tuple[Tensor, Tensor]]
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +103,32 @@ class FerResult:
         return float((self.pred_orig == self.pred_front).float().mean())
 
 
-def evaluate_fer(frontalizer: Frontalizer, classifier: nn.Module, faces: Tensor, labels: Tensor,
-                 landmarks: list[np.ndarray | None]) -> FerResult:
-    """Classify ``faces`` (uint8 ``(N, 48, 48)``) directly and after frontalising."""
-    size = frontalizer.cfg.image_size
+def gan_fer_frontaliser(model: Frontalizer) -> FerFrontaliser:
+    """The GAN on FER faces: the pose-aware framing of each face (a resize where no landmarks)."""
+
+    def run(faces: Tensor, landmarks: list[np.ndarray | None], out_size: int) -> tuple[Tensor, Tensor]:
+        size = model.cfg.image_size
+        inputs = np.stack([
+            fer_crop_to_input(f, size=size, landmarks=lm,
+                              yaw=float(estimate_yaw(lm)) if lm is not None else None)
+            for f, lm in zip(faces.numpy(), landmarks, strict=True)])
+        x = torch.from_numpy(inputs)
+        return x, frontalize_faces(model, x, out_size=out_size)
+
+    return run
+
+
+def evaluate_fer(frontalizer: Frontalizer | FerFrontaliser, classifier: nn.Module, faces: Tensor,
+                 labels: Tensor, landmarks: list[np.ndarray | None]) -> FerResult:
+    """Classify ``faces`` (uint8 ``(N, 48, 48)``) directly and after frontalising.
+
+    ``frontalizer`` is the GAN (:func:`gan_fer_frontaliser`) or any :data:`FerFrontaliser`
+    (the warp-only baseline, :mod:`training.gan.warp_eval`).
+    """
+    run = gan_fer_frontaliser(frontalizer) if isinstance(frontalizer, Frontalizer) else frontalizer
     yaw = np.array([estimate_yaw(lm) if lm is not None else np.nan for lm in landmarks], dtype=np.float64)
-    inputs = np.stack([
-        fer_crop_to_input(f, size=size, landmarks=lm, yaw=float(y) if lm is not None else None)
-        for f, lm, y in zip(faces.numpy(), landmarks, yaw, strict=True)])
-    out_size = classifier.cfg.image_size
-    front = frontalize_faces(frontalizer, torch.from_numpy(inputs), out_size=out_size)
+    inputs, front = run(faces, landmarks, classifier.cfg.image_size)
     pred_o = predict_probs(classifier, faces).argmax(1)
     pred_f = predict_probs(classifier, front).argmax(1)
     return FerResult(labels=labels.cpu(), pred_orig=pred_o, pred_front=pred_f, yaw=yaw,
-                     inputs=torch.from_numpy(inputs), frontalised=front)
+                     inputs=inputs, frontalised=front)

@@ -10,6 +10,8 @@ embedded; pairs are scored by cosine similarity.
 Pairs: CFP's own frontal-profile protocol fold 10 (``Protocol/Split/FP/10``: 350 same and 350
 different pairs), whose people are exactly ids 451-500, and every frontal x profile pair among
 those ids (2,000 same, 98,000 different), which gives TAR at FAR 1% more impostors to rest on.
+The frontal-frontal fold 10 (``Protocol/Split/FF/10``) checks what frontalising does to faces
+that were frontal already (both members frontalised).
 """
 
 from __future__ import annotations
@@ -116,15 +118,22 @@ def _pair_list(path: Path) -> dict[str, str]:
 
 
 def protocol_pairs(root: Path, frontal_paths: list[str], profile_paths: list[str], *,
-                   fold: int = EVAL_FOLD) -> tuple[np.ndarray, np.ndarray]:
-    """CFP's FP fold as ``(pairs (K, 2) of row indices into the two path lists, same (K,))``."""
+                   fold: int = EVAL_FOLD, split: str = "FP") -> tuple[np.ndarray, np.ndarray]:
+    """CFP's FP fold as ``(pairs (K, 2) of row indices into the two path lists, same (K,))``.
+
+    ``split="FF"`` reads the frontal-frontal protocol instead: both members are frontal photos,
+    so pass the frontal paths as ``profile_paths`` too.
+    """
+    if split not in ("FP", "FF"):
+        raise ValueError(f"unknown CFP protocol split {split!r}; expected 'FP' or 'FF'")
     proto = root / "Protocol"
-    f_list, p_list = _pair_list(proto / "Pair_list_F.txt"), _pair_list(proto / "Pair_list_P.txt")
+    f_list = _pair_list(proto / "Pair_list_F.txt")
+    p_list = f_list if split == "FF" else _pair_list(proto / "Pair_list_P.txt")
     f_row = {p: i for i, p in enumerate(frontal_paths)}
     p_row = {p: i for i, p in enumerate(profile_paths)}
     pairs, same = [], []
     for kind in ("same", "diff"):
-        path = proto / "Split" / "FP" / f"{fold:02d}" / f"{kind}.txt"
+        path = proto / "Split" / split / f"{fold:02d}" / f"{kind}.txt"
         if not path.is_file():
             raise DatasetError(f"{path}: CFP protocol file missing")
         for line in path.read_text().split():

@@ -1,0 +1,123 @@
+"""The warp-only baseline (:class:`facemodels.frontalizer.warp.MeshWarp`) in the frontaliser evaluation.
+
+``fer-train eval-frontalizer --warp-only`` measures the mesh warp with the GAN's metrics, on the
+same inputs the GAN gets:
+
+* CFP: the 64x64 crops of :func:`training.data.cfp.load_cfp` (pose framing from the fiducials).
+  Their five landmarks come from the serving detector run on the full photo (as the service
+  would), mapped into the crop by the same framing matrix. Crops without a detection pass
+  through unchanged (counted in the JSON).
+* FER2013: each 48x48 face with the landmarks :func:`training.data.aligned_views.detect_face_landmarks`
+  found (as for the GAN); faces without landmarks are resized to the output size unchanged.
+
+The output (64x64, the FER framing) is resized to 48 for the classifier exactly as the GAN's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from facemodels.face.pose_framing import pose_framing_matrix
+from facemodels.frontalizer.model import to_uint8
+from facemodels.frontalizer.warp import MeshWarp
+from training.data.cfp import CfpDataset, cfp_anchors, read_fiducials
+from training.gan.fer_eval import FerFrontaliser
+
+__all__ = ["WarpFrontaliser", "cfp_crop_landmarks", "pose_fit_summary"]
+
+_CFP_YAW = (0.0, -90.0, 90.0)  # the yaw each pose class is framed at (align_cfp_image)
+
+
+def _fiducial_path(root: Path, rel: str) -> Path:
+    return root / (rel.replace("Data/Images/", "Data/Fiducials/", 1).removesuffix(".jpg") + ".txt")
+
+
+def cfp_crop_landmarks(data: CfpDataset, detector: Any) -> np.ndarray:
+    """Five landmarks per crop of ``data`` ``(N, 5, 2)``, in crop pixels; NaN where none was found.
+
+    The detector runs on the full photo; the points are mapped by the crop's framing matrix
+    (:func:`facemodels.face.pose_framing.pose_framing_matrix` of the fiducial anchors).
+    """
+    root = Path(data.source)
+    out = np.full((len(data), 5, 2), np.nan)
+    for i, rel in enumerate(data.paths):
+        image = cv2.imread(str(root / rel))
+        if image is None:
+            continue
+        dets = detector.detect([cv2.cvtColor(image, cv2.COLOR_BGR2RGB)])[0]
+        if not dets:
+            continue
+        fid = read_fiducials(_fiducial_path(root, rel))
+        matrix = pose_framing_matrix(cfp_anchors(fid), yaw=_CFP_YAW[int(data.pose[i])], size=data.size)
+        out[i] = np.asarray(dets[0].landmarks, dtype=np.float64) @ matrix[:, :2].T + matrix[:, 2]
+    return out
+
+
+class WarpFrontaliser:
+    """:class:`MeshWarp` behind the evaluation's two interfaces (CFP crops and FER faces).
+
+    Args:
+        warp: the warp (its ``size`` should be the CFP crop size, 64).
+        cfp_landmarks: ``{CFP image path: (5, 2) landmarks in its crop}`` (missing or NaN: none).
+    """
+
+    name = "warp-only"
+
+    def __init__(self, warp: MeshWarp, cfp_landmarks: dict[str, np.ndarray] | None = None) -> None:
+        self.warp = warp
+        self.cfp_landmarks = cfp_landmarks or {}
+        self.stats: dict[str, Any] = {}
+
+    def _warp_some(self, faces: np.ndarray, landmarks: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        has = np.isfinite(landmarks).all((1, 2))
+        out = fallback.copy()
+        if has.any():
+            out[has] = self.warp.frontalize(np.ascontiguousarray(faces[has]), landmarks[has])
+        return out
+
+    def cfp(self, data: CfpDataset) -> Tensor:
+        """uint8 ``(N, S, S)``: each crop warped to the frontal pose (unchanged where no landmarks)."""
+        if data.size != self.warp.size:
+            raise ValueError(f"CFP crops are {data.size}px, the warp outputs {self.warp.size}px")
+        lm = np.stack([self.cfp_landmarks.get(p, np.full((5, 2), np.nan)) for p in data.paths]) \
+            if len(data) else np.zeros((0, 5, 2))
+        faces = data.images.numpy()
+        return torch.from_numpy(self._warp_some(faces, lm, faces))
+
+    def fer(self, faces: Tensor, landmarks: list[np.ndarray | None], out_size: int) -> tuple[Tensor, Tensor]:
+        """A :data:`~training.gan.fer_eval.FerFrontaliser`: 48x48 faces -> warped, resized to ``out_size``."""
+        s = self.warp.size
+        arr = faces.numpy()
+        lm = np.stack([np.asarray(p, dtype=np.float64) if p is not None else np.full((5, 2), np.nan)
+                       for p in landmarks]) if len(landmarks) else np.zeros((0, 5, 2))
+        resized = np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_LINEAR) for f in arr]) \
+            if len(arr) else np.zeros((0, s, s), np.uint8)
+        out = torch.from_numpy(self._warp_some(arr, lm, resized))
+        front = to_uint8(out.float()[:, None] / 127.5 - 1.0, size=out_size)
+        return torch.from_numpy(resized), front
+
+    def as_fer_frontaliser(self) -> FerFrontaliser:
+        return self.fer
+
+
+def pose_fit_summary(warp: MeshWarp, data: CfpDataset, landmarks: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per CFP pose class: fitted yaw percentiles and the fit's RMS residual over the eye-mouth
+    distance (how well the mesh's five points explain the detector's)."""
+    out = {}
+    for cls, name in enumerate(("frontal", "left_profile", "right_profile")):
+        lm = landmarks[(data.pose == cls).numpy()]
+        found = lm[np.isfinite(lm).all((1, 2))]
+        if not len(found):
+            continue
+        pose = warp.fit(found)
+        h = np.linalg.norm(found[:, :2].mean(1) - found[:, 3:].mean(1), axis=1)
+        p5, p50, p95 = np.percentile(pose.yaw, [5, 50, 95])
+        out[name] = {"n": len(lm), "found": len(found), "yaw_p5": p5, "yaw_median": p50, "yaw_p95": p95,
+                     "rms_over_eye_mouth_median": float(np.median(pose.rms / h))}
+    return out
