@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models are loaded by its lifespan, not here."""
     settings = settings or Settings()
-    metrics = Metrics(max_batch_size=settings.max_batch_size)
+    # The detector's batches share the histogram: its buckets must reach the larger maximum.
+    metrics = Metrics(max_batch_size=max(settings.max_batch_size, settings.detector_batch_size))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

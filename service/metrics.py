@@ -20,6 +20,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 FACE_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50)
 _REPORT = "fer_request_report"
+#: HTTP methods kept as metric labels; any other (a client may send anything) is "other", so
+#: clients cannot create unbounded label series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -113,10 +116,10 @@ def install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             raise
         finally:
             path = getattr(request.scope.get("route"), "path", "unmatched")
+            method = request.method if request.method in _METHODS else "other"
             if path != "/metrics":
-                metrics.requests.labels(route=path, method=request.method, status=str(status)).inc()
-                metrics.latency.labels(route=path, method=request.method).observe(
-                    time.perf_counter() - start)
+                metrics.requests.labels(route=path, method=method, status=str(status)).inc()
+                metrics.latency.labels(route=path, method=method).observe(time.perf_counter() - start)
             for count in report.faces:
                 metrics.faces.observe(count)
             for code in report.errors:

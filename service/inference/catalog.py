@@ -20,6 +20,7 @@ served as one, and the frontaliser keeps its own setting (``FER_FRONTALIZER_CHEC
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,6 +56,18 @@ def is_classifier_card(card: Mapping[str, Any]) -> bool:
     if arch == "frontalizer":
         return False
     return not (arch in list_models(task=None) and arch not in list_models())
+
+
+def _is_model_card(card: Path) -> bool:
+    """A JSON object with an ``arch`` (a checkpoint card), not some other JSON beside weights.
+
+    Unreadable JSON still counts as a card, so that loading it fails naming the file.
+    """
+    try:
+        data = json.loads(card.read_text())
+    except (OSError, ValueError):
+        return True
+    return isinstance(data, dict) and "arch" in data
 
 
 def frontalizer_path(settings: Settings) -> Path | None:
@@ -96,10 +109,20 @@ def classifier_specs(settings: Settings) -> list[ModelSpec]:
     return specs
 
 
+def is_training_run(folder: Path) -> bool:
+    """Whether ``folder`` is a ``fer-train`` run folder (its ``best``/``last`` checkpoints sit
+    beside training state), where discovery would serve the same model several times."""
+    return (folder / "args.json").is_file() and (folder / "last_state.json").is_file()
+
+
 def _discover(folder: Path, served: dict[Path, str], names: set[str],
               frontalizer: Path | None) -> list[ModelSpec]:
     """Classifier checkpoints in ``folder`` not already served, named by their file stem."""
     found: list[ModelSpec] = []
+    if is_training_run(folder):
+        log.info("%s is a training run folder: serving only the configured checkpoints from it "
+                 "(FER_MODELS names more)", folder)
+        return found
     not_classifiers = {_same_file(frontalizer)} if frontalizer is not None else set()
     for weights in sorted(folder.glob("*.safetensors")):
         name, key = weights.stem, _same_file(weights)
@@ -107,6 +130,9 @@ def _discover(folder: Path, served: dict[Path, str], names: set[str],
             continue
         if not card_path(weights).is_file():
             log.warning("not serving %s: it has no %s card beside it", weights, card_path(weights).name)
+            continue
+        if not _is_model_card(card_path(weights)):
+            log.info("not serving %s: %s is not a model card", weights, card_path(weights).name)
             continue
         if not is_classifier_card(load_card(weights)):
             log.info("not serving %s as a classifier: its card's arch is not a classifier", weights)

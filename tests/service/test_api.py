@@ -13,6 +13,7 @@ from PIL import Image
 
 from facemodels.classes import FER_CLASSES
 from service.main import create_app
+from service.metrics import batch_buckets
 
 JPEG = {"content-type": "image/jpeg"}
 
@@ -273,3 +274,24 @@ def test_shipped_extras_are_found_beside_a_moved_classifier(
         assert c.post("/predict?model=ensemble", content=face_jpeg, headers=JPEG).status_code == 200
     with TestClient(create_app(settings)) as c:
         assert {m["name"] for m in c.get("/models").json()["models"]} == {"default"}
+
+
+def test_request_metrics_count_unhandled_errors_and_bound_method_labels(make_settings) -> None:
+    app = create_app(make_settings(max_batch_size=8, detector_batch_size=16))
+
+    @app.get("/boom")
+    def boom() -> None:  # a route that fails the way a bug would
+        raise RuntimeError("bug")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom")
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert c.request("BREW", "/healthz").status_code == 405
+        text = c.get("/metrics").text
+    assert _value(text, 'fer_requests_total{method="GET",route="/boom",status="500"}') == 1
+    assert _value(text, 'fer_errors_total{kind="internal_error"}') == 1
+    assert 'method="other"' in text and "BREW" not in text
+    # buckets reach the larger of the classifier and detector batch limits
+    batch_lines = [ln for ln in text.splitlines() if ln.startswith("fer_batch_size_bucket")]
+    assert any('le="16.0"' in ln for ln in batch_lines)
+    assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from facemodels.checkpoint import CheckpointError, save_checkpoint
+from facemodels.checkpoint import CheckpointError, code_version, save_checkpoint
 from facemodels.classes import FER_CLASSES
 from facemodels.models import create_model
 from service.config import Settings
@@ -142,8 +142,7 @@ def test_fer_models_serves_a_checkpoint_from_anywhere(make_settings, zoo: Path, 
     with TestClient(create_app(settings)) as c:
         assert [m["name"] for m in c.get("/models").json()["models"]] == ["default", "mine"]
         body = c.post("/predict?model=mine", content=face_jpeg, headers=JPEG).json()
-        assert body["model"] == {"name": "mine", "version": body["model"]["version"],
-                                 "arch": "compact_resnet_s"}
+        assert body["model"] == {"name": "mine", "version": code_version(), "arch": "compact_resnet_s"}
         assert _unknown(c.post("/predict?model=compact", content=face_jpeg, headers=JPEG)).endswith(
             "available: default, mine")
     gone = create_app(make_settings(models={"gone": tmp_path / "gone.safetensors"}))
@@ -225,3 +224,35 @@ def test_a_broken_checkpoint_in_the_folder_stops_startup(make_settings, zoo: Pat
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"broken\.json"):
         classifier_specs(Settings(classifier_checkpoint=tmp_path / "default.safetensors"))
+
+
+def test_a_training_run_folder_serves_only_the_configured_checkpoint(zoo: Path, tmp_path: Path) -> None:
+    """fer-train leaves best, last and training state side by side: discovery must not serve
+    ``last`` as a second model, nor choke on the state's JSON (it has no arch)."""
+    import shutil
+
+    from training.train_state import save_train_state
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for stem in ("best", "last"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(zoo / f"compact{suffix}", run / f"{stem}{suffix}")
+    model = create_model("compact_resnet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    save_train_state(run / "last", optimizer=optimizer, scheduler=None,
+                     generator=torch.Generator(), info={"epoch": 0})
+    (run / "args.json").write_text(json.dumps({"model": "compact_resnet"}))
+    specs = classifier_specs(Settings(classifier_checkpoint=run / "best.safetensors"))
+    assert [(s.name, s.path) for s in specs] == [("default", run / "best.safetensors")]
+
+
+def test_json_beside_weights_that_is_not_a_card_is_skipped(zoo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    for stem in ("default", "notes"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(zoo / f"default{suffix}", tmp_path / f"{stem}{suffix}")
+    (tmp_path / "notes.json").write_text(json.dumps({"comment": "not a checkpoint card"}))
+    specs = classifier_specs(Settings(classifier_checkpoint=tmp_path / "default.safetensors"))
+    assert [s.name for s in specs] == ["default"]
