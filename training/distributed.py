@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "COLLECTIVE_TIMEOUT",
     "barrier",
     "broadcast_from_main",
     "check_replicas_in_sync",
@@ -33,6 +35,7 @@ __all__ = [
     "is_distributed",
     "is_main",
     "main_first",
+    "same_on_all_ranks",
     "seeded_generator",
     "shard",
     "sum_across_ranks",
@@ -40,6 +43,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: Rank 0 may work alone for minutes (building the dataset or aligned-views cache on a CPU)
+#: while the others wait in a barrier; NCCL's default 10-minute watchdog would kill them.
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
 
 T = TypeVar("T")
 
@@ -75,11 +81,14 @@ def init_distributed(device: torch.device) -> torch.device:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index is not None and device.index != local.index:
+            log.warning("--device %s ignored under torchrun: rank uses %s (LOCAL_RANK)", device, local)
+        device = local
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     log.debug("rank %d of %d joined (%s, %s)", get_rank(), get_world_size(),
               dist.get_backend(), device)
     return device
@@ -109,6 +118,15 @@ def main_first() -> Iterator[None]:
     yield
     if is_main():
         barrier()
+
+
+def same_on_all_ranks(obj: Any) -> bool:
+    """Whether every rank holds an equal ``obj`` (picklable); True in a single process."""
+    if not is_distributed():
+        return True
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return all(g == gathered[0] for g in gathered)
 
 
 def broadcast_from_main(obj: T) -> T:

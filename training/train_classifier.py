@@ -48,6 +48,7 @@ from training.distributed import (
     init_distributed,
     is_main,
     main_first,
+    same_on_all_ranks,
     seeded_generator,
     sum_across_ranks,
 )
@@ -261,6 +262,9 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         log.info("resumed %s at epoch %d (best %.4f at %d)", out, start_epoch, best_acc, best_epoch)
     elif args.resume:
         log.warning("--resume given but %s has no last checkpoint; starting fresh", out)
+    if not same_on_all_ranks((start_epoch, best_epoch, stale)):
+        raise RuntimeError(f"ranks resumed {out} at different epochs: --output-dir must be on "
+                           "storage that every rank sees")
     if is_main():
         if start_epoch == 0:
             (out / "metrics.jsonl").unlink(missing_ok=True)

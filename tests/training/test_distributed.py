@@ -81,9 +81,13 @@ def _torchrun(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess
 _DIVERGING = """
 import torch
 from torch import nn
-from training.distributed import check_replicas_in_sync, cleanup_distributed, get_rank, init_distributed
+from training.distributed import (
+    check_replicas_in_sync, cleanup_distributed, get_rank, init_distributed, same_on_all_ranks,
+)
 
 init_distributed(torch.device("cpu"))
+# what a resume compares: equal on every rank, or not
+print(f"rank {get_rank()} same: {same_on_all_ranks((3, 1, 0))} {same_on_all_ranks((get_rank(), 1, 0))}")
 torch.manual_seed(get_rank())  # a different model on each rank: what DDP must never let happen
 try:
     check_replicas_in_sync(nn.Linear(4, 3))
@@ -102,6 +106,7 @@ def test_replicas_that_differ_are_reported_on_every_rank(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank} raised: ranks diverged: 2 of 2 parameter tensors" in done.stdout
+        assert f"rank {rank} same: True False" in done.stdout
 
 
 @pytest.mark.slow
