@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["default_cache_root", "detector_dir"]
+__all__ = ["default_cache_root", "detector_dir", "onnx_dir"]
 
 
 def default_cache_root() -> Path:
@@ -19,3 +19,8 @@ def default_cache_root() -> Path:
 def detector_dir(root: Path) -> Path:
     """Converted detector weights: ``<root>/detector``."""
     return Path(root).expanduser() / "detector"
+
+
+def onnx_dir(root: Path) -> Path:
+    """ONNX graphs exported from the weights (:mod:`facemodels.onnx_export`): ``<root>/onnx``."""
+    return Path(root).expanduser() / "onnx"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,9 +60,18 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(default_factory=default_cache_root,
                             description="cache root (FER_CACHE_DIR): converted detector weights go to "
-                                        "its detector/ folder")
+                                        "its detector/ folder, ONNX graphs (onnx backend) to onnx/")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op CPU threads; 0 = torch's default")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="FER_BACKEND: what runs the detector and the classifiers. auto: ONNX Runtime "
+                            "on CPU when onnx and onnxruntime are installed, else PyTorch (always "
+                            "PyTorch on CUDA); onnx needs the CPU. The ONNX graphs are exported from "
+                            "the safetensors into cache_dir/onnx/ at start-up and reused while the "
+                            "weights are unchanged",
+    )
+    torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of torch and of each ONNX Runtime "
+                                                    "session; 0 = torch's default (one per core, or "
+                                                    "OMP_NUM_THREADS)")
 
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="timer starts at the first queued item")

@@ -94,6 +94,7 @@ class ModelInfo(BaseModel):
     arch: str
     version: str
     device: str
+    backend: str = Field("torch", description="torch (PyTorch) or onnx (ONNX Runtime on the CPU)")
     card: dict[str, Any]
 
 

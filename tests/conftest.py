@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,20 @@ from facemodels.face.retinaface_convert import (
     source_weights_file,
 )
 from tests.support import synthetic_face
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every cache the code under test writes (decoded datasets, detector weights, ONNX graphs)
+    goes under a temporary root, never the user's ``~/.cache/fer-service``; servers the tests
+    start inherit it."""
+    before = os.environ.get("FER_CACHE_DIR")
+    os.environ["FER_CACHE_DIR"] = str(tmp_path_factory.mktemp("fer-cache-root"))
+    yield
+    if before is None:
+        os.environ.pop("FER_CACHE_DIR", None)
+    else:
+        os.environ["FER_CACHE_DIR"] = before
 
 
 @pytest.fixture

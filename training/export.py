@@ -1,12 +1,19 @@
-"""``fer-train export``: copy a checkpoint for shipping, optionally as float16.
+"""``fer-train export``: copy a checkpoint for shipping, optionally as float16, or write it as ONNX.
 
 The card travels with the weights (metrics, training arguments, data fingerprint), and records
 where it was exported from, so a shipped ``checkpoints/default`` still says how it was made.
+
+``--format onnx`` writes ``<dest>.onnx`` with a dynamic batch axis instead (any classifier, an
+ensemble as one graph, or the RetinaFace detector weights), through the same exporter the
+service uses (:mod:`facemodels.onnx_export`), checked against PyTorch by ONNX Runtime, plus
+``<dest>.onnx.json``: the card (the ``cfg`` says how to preprocess the graph's input) with the
+SHA-256 of the source weights and the measured difference to PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,7 +21,10 @@ from typing import Any
 
 import torch
 
+from facemodels.atomic import write_text_atomically
 from facemodels.checkpoint import card_path, load_checkpoint, save_checkpoint, weights_path
+from facemodels.face.detector import load_detector_net
+from facemodels.face.retinaface_convert import ARCH as DETECTOR_ARCH
 
 __all__ = ["export_main", "get_export_parser"]
 
@@ -32,10 +42,36 @@ def get_export_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store floating-point weights as float16")
     p.add_argument("--confusion", type=Path, default=None,
                    help="a confusion-matrix PNG to copy beside it as <dest>_confusion.png")
+    p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                   help="safetensors: a checkpoint with its card; onnx: <dest>.onnx (dynamic batch) and "
+                        "<dest>.onnx.json, from a classifier checkpoint or the detector weights")
     return p
 
 
+def _export_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    from facemodels.onnx_export import export_classifier, export_detector, sha256_file
+
+    source = weights_path(args.source)
+    out = args.dest.with_name(args.dest.name.removesuffix(".onnx") + ".onnx")
+    card_file = source.with_suffix(".json")
+    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    if card.get("arch") == DETECTOR_ARCH:
+        info = export_detector(load_detector_net(source), out)
+    else:
+        model, card = load_checkpoint(args.source)
+        info = export_classifier(model, out)
+    note = {**card, "format": "onnx", "exported_from": str(source), "weights_sha256": sha256_file(source),
+            "onnx_file": out.name, "max_abs_diff_vs_torch": info["max_abs_diff"]}
+    write_text_atomically(out.with_name(out.name + ".json"), json.dumps(note, indent=2) + "\n")
+    log.info("exported %s -> %s (%.1f MB, max |ORT - torch| %s)", source, out, out.stat().st_size / 2**20,
+             info["max_abs_diff"])
+    return {"onnx": str(out), "card": str(out.with_name(out.name + ".json")),
+            "max_abs_diff": info["max_abs_diff"]}
+
+
 def export_main(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "format", "safetensors") == "onnx":
+        return _export_onnx(args)
     model, card = load_checkpoint(args.source)
     extra = {k: v for k, v in card.items() if k not in _CARD_FIELDS}
     extra["exported_from"] = str(weights_path(args.source))

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torchvision.ops import nms
 
+from facemodels.cache import default_cache_root
 from facemodels.face.retinaface_convert import ensure_detector_weights, sha256_file
 from facemodels.face.retinaface_net import (
     BGR_MEAN,
@@ -36,8 +37,14 @@ from facemodels.face.retinaface_net import (
     decode_landmarks,
     prior_boxes,
 )
+from facemodels.onnx_export import (
+    DETECTOR_INPUT,
+    DETECTOR_OUTPUTS,
+    cached_detector_onnx,
+    create_session,
+)
 
-__all__ = ["Detection", "DetectorWeightsError", "RetinaFaceDetector"]
+__all__ = ["Detection", "DetectorWeightsError", "RetinaFaceDetector", "load_detector_net"]
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +94,17 @@ class RetinaFaceDetector:
             ``None`` keeps full resolution.
         top_k: Candidates per image kept (by score) before NMS.
         max_faces: Detections per image kept after NMS.
+        backend: ``torch`` runs the network in PyTorch; ``onnx`` in ONNX Runtime on the CPU,
+            from the graph :func:`facemodels.onnx_export.cached_detector_onnx` exports from
+            ``weights`` into ``cache_dir`` (once; reused while the weights are unchanged).
+            Everything around the network (resizing, padding, priors, NMS) is the same code.
+        cache_dir: cache root for the ONNX file (``onnx`` backend);
+            :func:`~facemodels.cache.default_cache_root` when ``None``.
+        threads: ONNX Runtime intra-op threads (``onnx`` backend; 0 = one per core).
 
     Raises:
         DetectorWeightsError: the weights file is missing, corrupt or mismatched.
+        ValueError: an unknown backend, or ``onnx`` on a device other than the CPU.
     """
 
     def __init__(
@@ -103,29 +118,46 @@ class RetinaFaceDetector:
         max_side: int | None = 640,
         top_k: int = 5000,
         max_faces: int = 750,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
+        threads: int = 1,
     ) -> None:
         if max_side is not None and max_side < _ALIGN:
             raise ValueError(f"max_side must be at least {_ALIGN}, got {max_side}")
-        self.weights = Path(weights) if weights is not None else ensure_detector_weights()
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend must be torch or onnx, got {backend!r}")
         self.device = torch.device(device)
+        if backend == "onnx" and self.device.type != "cpu":
+            raise ValueError(f"the onnx backend runs on the CPU, not {self.device}")
+        self.weights = (Path(weights) if weights is not None
+                        else ensure_detector_weights(cache_dir or default_cache_root()))
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.min_face_size = min_face_size
         self.max_side = max_side
         self.top_k = top_k
         self.max_faces = max_faces
-        self.net = _load_net(self.weights).to(self.device, memory_format=torch.channels_last).eval()
+        self.net = load_detector_net(self.weights).to(self.device, memory_format=torch.channels_last).eval()
         self._mean = torch.tensor(BGR_MEAN, device=self.device)
-        log.info("RetinaFace detector loaded from %s on %s", self.weights, self.device)
+        self.backend = backend
+        self.onnx_path: Path | None = None
+        self._session: Any = None
+        if backend == "onnx":
+            self.onnx_path = cached_detector_onnx(self.weights, cache_dir or default_cache_root(),
+                                                  net=self.net)
+            self._session = create_session(self.onnx_path, threads=threads)
+        log.info("RetinaFace detector loaded from %s on %s (%s)", self.weights, self.device, backend)
 
     @classmethod
-    def from_cache(cls, cache_dir: Path, **kwargs: Any) -> RetinaFaceDetector:
+    def from_cache(cls, cache_dir: Path, /, **kwargs: Any) -> RetinaFaceDetector:
         """Build from ``<cache_dir>/detector/``, converting the weights first if missing.
 
         Args:
             cache_dir: the cache root (callers pass their configured one).
-            **kwargs: Options for :class:`RetinaFaceDetector`.
+            **kwargs: Options for :class:`RetinaFaceDetector` (the ``onnx`` backend caches its
+                graph under the same root unless ``cache_dir`` is given).
         """
+        kwargs.setdefault("cache_dir", cache_dir)
         return cls(ensure_detector_weights(cache_dir), **kwargs)
 
     def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
@@ -150,7 +182,7 @@ class RetinaFaceDetector:
             for members in groups.values():
                 resized = [prepared[n][0] for n in members]
                 batch = self._batch(resized)
-                loc, conf, landm = self.net(batch)
+                loc, conf, landm = self._forward(batch)
                 priors = prior_boxes(batch.shape[2], batch.shape[3], device=self.device)
                 boxes = decode_boxes(loc, priors)
                 points = decode_landmarks(landm, priors)
@@ -159,6 +191,14 @@ class RetinaFaceDetector:
                     results[n] = self._select(boxes[i], scores[i], points[i], prepared[n][0].shape[:2],
                                               prepared[n][1], images[n])
         return results
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The network's (loc, conf, landm) for a prepared batch, in PyTorch or ONNX Runtime."""
+        if self._session is None:
+            return self.net(batch)
+        outputs = self._session.run(list(DETECTOR_OUTPUTS), {DETECTOR_INPUT: batch.numpy()})
+        loc, conf, landm = (torch.from_numpy(o) for o in outputs)
+        return loc, conf, landm
 
     def _resize(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
         """Downscale so the long side is at most ``max_side``; return (image, (sx, sy))."""
@@ -173,11 +213,19 @@ class RetinaFaceDetector:
     def _batch(self, images: list[np.ndarray]) -> torch.Tensor:
         """Mean-subtracted BGR float batch, each image top-left, zero (mean) padded.
 
-        The batch is built as NHWC and returned as an NCHW view, i.e. channels-last memory,
-        which is the faster layout for this network's depthwise convolutions.
+        For PyTorch the batch is built as NHWC and returned as an NCHW view, i.e.
+        channels-last memory, the faster layout for this network's depthwise convolutions in
+        PyTorch. ONNX Runtime takes a contiguous NCHW array, so that backend fills one directly.
         """
         height = max(_padded_size(i)[0] for i in images)
         width = max(_padded_size(i)[1] for i in images)
+        if self._session is not None:
+            batch = torch.zeros(len(images), 3, height, width)
+            for n, img in enumerate(images):
+                rgb = torch.from_numpy(np.ascontiguousarray(img))
+                bgr = rgb.flip(-1).float().sub_(self._mean).permute(2, 0, 1)
+                batch[n, :, : img.shape[0], : img.shape[1]] = bgr
+            return batch
         batch = torch.zeros(len(images), height, width, 3, device=self.device)
         for n, img in enumerate(images):
             rgb = torch.from_numpy(np.ascontiguousarray(img)).to(self.device)
@@ -234,7 +282,7 @@ def _check_image(image: np.ndarray, index: int) -> np.ndarray:
     return image
 
 
-def _load_net(path: Path) -> RetinaFaceNet:
+def load_detector_net(path: Path) -> RetinaFaceNet:
     """Build the network from a safetensors file, checking its card's SHA-256 when present."""
     if not path.is_file():
         raise DetectorWeightsError(f"detector weights not found: {path}")

@@ -21,7 +21,8 @@ async def healthz() -> dict[str, str]:
 async def readyz(engine: EngineDep) -> dict[str, object] | Response:
     if not engine.ready:
         return error_response(503, "not_ready", "models are still loading", {"Retry-After": "5"})
-    return {"status": "ready", "models": sorted(engine.classifiers), "device": str(engine.device)}
+    return {"status": "ready", "models": sorted(engine.classifiers), "device": str(engine.device),
+            "backend": engine.backend}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -19,6 +19,7 @@ from facemodels.face.align import align_face, resize_face
 from facemodels.face.detector import Detection, RetinaFaceDetector
 from facemodels.face.pose import estimate_yaw
 from facemodels.face.pose_framing import align_pose_face
+from facemodels.onnx_export import resolve_backend
 from service.config import Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
 from service.inference.catalog import classifier_specs, frontalizer_path
@@ -76,6 +77,8 @@ class InferenceEngine:
         self.settings = settings
         self.observer = observer
         self.device = resolve_device(settings.device)
+        self.backend = resolve_backend(settings.backend, self.device)
+        self.threads = settings.torch_threads  # set by start(): torch's intra-op threads
         self.detector: RetinaFaceDetector | None = None
         self.classifiers: dict[str, Classifier] = {}
         self.frontalizer: FrontalizerModel | None = None
@@ -87,6 +90,7 @@ class InferenceEngine:
         """Load every model (off the event loop), start the batchers, warm up."""
         if self.settings.torch_threads > 0:
             torch.set_num_threads(self.settings.torch_threads)
+        self.threads = torch.get_num_threads()
         await asyncio.to_thread(self._load)
         s = self.settings
         models: dict[str, Any] = {"detector": self._detect_batch, **self.classifiers}
@@ -102,7 +106,8 @@ class InferenceEngine:
         if s.warmup:
             await self._warmup()
         self.ready = True
-        log.info("inference engine ready on %s: %s", self.device, ", ".join(self.classifiers))
+        log.info("inference engine ready on %s (%s): %s", self.device, self.backend,
+                 ", ".join(self.classifiers))
 
     async def stop(self) -> None:
         self.ready = False
@@ -112,15 +117,18 @@ class InferenceEngine:
 
     def _load(self) -> None:
         s = self.settings
+        # Both backends get the same intra-op thread count: torch's (FER_TORCH_THREADS, else
+        # torch's default, which follows OMP_NUM_THREADS).
+        runtime = dict(backend=self.backend, cache_dir=s.cache_dir, threads=self.threads)
         kwargs = dict(device=self.device, score_threshold=s.detection_threshold,
-                      min_face_size=s.min_face_size, max_side=s.detector_max_side)
+                      min_face_size=s.min_face_size, max_side=s.detector_max_side, **runtime)
         if s.detector_weights is not None:
             self.detector = RetinaFaceDetector(s.detector_weights, **kwargs)
         else:
             self.detector = RetinaFaceDetector.from_cache(s.cache_dir, **kwargs)
         for spec in classifier_specs(s):  # default first; each checkpoint file loaded once
             self.classifiers[spec.name] = Classifier(spec.path, name=spec.name, role=spec.role,
-                                                     device=self.device)
+                                                     device=self.device, **runtime)
         frontalizer = frontalizer_path(s)
         if frontalizer is not None:
             self.frontalizer = FrontalizerModel(frontalizer, device=self.device)

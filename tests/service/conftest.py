@@ -26,13 +26,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def make_settings(detector_weights: Path, tiny_checkpoint: Path):
-    """Factory for Settings pointing at the tiny checkpoint and the converted detector."""
+def test_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache root for the app under test (the onnx backend exports its graphs there)."""
+    return tmp_path_factory.mktemp("fer-cache")
+
+
+@pytest.fixture(scope="session")
+def make_settings(detector_weights: Path, tiny_checkpoint: Path, test_cache_dir: Path):
+    """Factory for Settings pointing at the tiny checkpoint, the converted detector and a
+    temporary cache root (so the backend's ONNX files never land in ~/.cache)."""
     from service.config import Settings
 
     def make(**overrides: object) -> Settings:
         base = dict(classifier_checkpoint=tiny_checkpoint, detector_weights=detector_weights,
-                    device="cpu", max_wait_ms=2.0, use_shipped_extras=False)
+                    device="cpu", max_wait_ms=2.0, use_shipped_extras=False, cache_dir=test_cache_dir)
         return Settings(**{**base, **overrides})
 
     return make

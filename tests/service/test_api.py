@@ -233,10 +233,12 @@ def test_unknown_route_uses_error_shape(client: TestClient) -> None:
     _assert_error(client.get("/nope"), 404, "not_found")
 
 
-def test_default_settings_serve_the_shipped_model(detector_weights: Path, face_jpeg: bytes) -> None:
+def test_default_settings_serve_the_shipped_model(detector_weights: Path, face_jpeg: bytes,
+                                                  test_cache_dir: Path) -> None:
     from service.config import DEFAULT_CHECKPOINTS, Settings
 
-    settings = Settings(detector_weights=detector_weights)  # nothing else set: the shipped default
+    # nothing else set: the shipped default (the cache only keeps ONNX files out of ~/.cache)
+    settings = Settings(detector_weights=detector_weights, cache_dir=test_cache_dir)
     assert settings.classifier_checkpoint == DEFAULT_CHECKPOINTS / "default.safetensors"
     with TestClient(create_app(settings)) as c:
         models = {m["name"]: m for m in c.get("/models").json()["models"]}
@@ -253,7 +255,7 @@ def test_default_settings_serve_the_shipped_model(detector_weights: Path, face_j
 
 
 def test_shipped_extras_are_found_beside_a_moved_classifier(
-    tmp_path: Path, detector_weights: Path, face_jpeg: bytes,
+    tmp_path: Path, detector_weights: Path, face_jpeg: bytes, test_cache_dir: Path,
 ) -> None:
     """A container bakes checkpoints/ elsewhere: the extras come from the classifier's folder."""
     import shutil
@@ -265,7 +267,7 @@ def test_shipped_extras_are_found_beside_a_moved_classifier(
     for name in ("default", "ensemble"):
         for suffix in (".safetensors", ".json"):
             shutil.copy(DEFAULT_CHECKPOINTS / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
-    settings = Settings(detector_weights=detector_weights,
+    settings = Settings(detector_weights=detector_weights, cache_dir=test_cache_dir,
                         classifier_checkpoint=tmp_path / "default.safetensors")
     with TestClient(create_app(settings)) as c:
         names = {m["name"] for m in c.get("/models").json()["models"]}
