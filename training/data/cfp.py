@@ -31,7 +31,7 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from training.data.dataset import DatasetError
 
 __all__ = [
     "CFP_CACHE_VERSION",
+    "CFP_POSE_YAW",
     "EVAL_IDS",
     "FIDUCIAL_EYE_DY",
     "FIDUCIAL_MOUTH_DY",
@@ -53,6 +54,8 @@ __all__ = [
     "CfpDataset",
     "align_cfp_image",
     "cfp_anchors",
+    "cfp_fiducials_path",
+    "cfp_framing_matrix",
     "cfp_pose_label",
     "load_cfp",
     "read_fiducials",
@@ -67,6 +70,8 @@ CFP_CACHE_VERSION = 1
 #: Anchor corrections, in eye-mouth distances (see module docstring).
 FIDUCIAL_EYE_DY = -0.03
 FIDUCIAL_MOUTH_DY = -0.05
+#: The yaw each pose class (0 frontal, 1 left profile, 2 right profile) is framed at, degrees.
+CFP_POSE_YAW: tuple[float, float, float] = (0.0, -90.0, 90.0)
 _NUM_FIDUCIALS = 30
 
 
@@ -160,10 +165,24 @@ def cfp_anchors(fiducials: np.ndarray) -> FaceAnchors:
                        nose=(fiducials[21, 0], fiducials[21, 1]))
 
 
+def cfp_fiducials_path(source: str | Path, image_path: str) -> Path:
+    """The fiducials file of a :attr:`CfpDataset.paths` entry (``Data/Images/<id>/<kind>/<nn>.jpg``
+    under ``source``): ``Data/Fiducials/<id>/<kind>/<nn>.txt``."""
+    rel = PurePosixPath(image_path)
+    if len(rel.parts) != 5 or rel.parts[:2] != ("Data", "Images") or rel.suffix != ".jpg":
+        raise ValueError(f"{image_path!r} is not a CFP image path (Data/Images/<id>/<kind>/<nn>.jpg)")
+    return Path(source) / "Data" / "Fiducials" / rel.parts[2] / rel.parts[3] / f"{rel.stem}.txt"
+
+
+def cfp_framing_matrix(fiducials: np.ndarray, pose: int, *, size: int = 64) -> np.ndarray:
+    """The ``(2, 3)`` matrix from a CFP photo to its pose-aware crop at ``size`` (profiles framed
+    at ±90° yaw, :data:`CFP_POSE_YAW`)."""
+    return pose_framing_matrix(cfp_anchors(fiducials), yaw=CFP_POSE_YAW[pose], size=size)
+
+
 def align_cfp_image(image: np.ndarray, fiducials: np.ndarray, pose: int, *, size: int = 64) -> np.ndarray:
     """Crop one CFP photo to the pose-aware frontaliser framing (profiles at ±90° yaw)."""
-    yaw = (0.0, -90.0, 90.0)[pose]
-    return warp_face(image, pose_framing_matrix(cfp_anchors(fiducials), yaw=yaw, size=size), size=size)
+    return warp_face(image, cfp_framing_matrix(fiducials, pose, size=size), size=size)
 
 
 def _data_dir(root: Path) -> Path:

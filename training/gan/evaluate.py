@@ -45,7 +45,7 @@ from facemodels.frontalizer.warp import MeshWarp
 from facemodels.predict import predict_probs
 from training.data.aligned_views import align_views, detect_face_landmarks
 from training.data.cfp import CfpDataset, load_cfp
-from training.gan.fer_eval import FerFrontaliser, FerResult, evaluate_fer
+from training.gan.fer_eval import FerFrontaliser, FerResult, evaluate_fer, gan_fer_frontaliser
 from training.gan.identity import (
     DlibEmbedder,
     Embedder,
@@ -192,11 +192,102 @@ def _print_table(title: str, rows: list[Row]) -> None:
     print("\n".join(lines))
 
 
+@dataclasses.dataclass
+class _Subject:
+    """The frontaliser under evaluation (the GAN or the warp-only baseline), as ``main`` uses it."""
+
+    label: str  # its column in the table
+    title: str  # the table's title
+    sheet: Path  # CFP sample sheet: profile | frontalised | real frontal
+    sheet_title: str
+    cfp_header: tuple[str, str, str]
+    fer_sheet: Path  # FER2013 sample sheet: original | input | frontalised
+    fer_header: tuple[str, str, str]
+    agreement_label: str  # the table row of the FER prediction agreement
+    output: Path  # default JSON path
+    cfp: CfpDataset  # CFP evaluation ids, framed at the frontaliser's input size
+    cfp_run: CfpFrontaliser
+    fer_run: FerFrontaliser
+    results: dict[str, Any]  # the JSON so far (what the setup measured) ...
+    rows: list[Row]  # ... and its table rows
+    card: dict[str, Any] | None = None  # the checkpoint's card, for --update-card
+    aligned_control: bool = False  # also report the FER faces only 2D-aligned (no warp)
+
+
+def _cfp_eval(args: argparse.Namespace, size: int) -> CfpDataset:
+    cfp = load_cfp(args.data, size=size, cache_dir=args.cache_dir).split("eval")
+    if len(cfp) == 0:
+        raise ValueError(f"{args.data}: no evaluation ids (451-500)")
+    return cfp
+
+
+def _gan_setup(args: argparse.Namespace, device: torch.device) -> _Subject:
+    """The GAN checkpoint ``args.checkpoint``, and D_p's pose accuracy on the CFP eval photos."""
+    model, card = load_checkpoint(args.checkpoint, device=device)
+    if card["arch"] != "frontalizer":
+        raise ValueError(f"{args.checkpoint} is a {card['arch']!r}, not a frontalizer")
+    gan: Frontalizer = model
+    size = gan.cfg.image_size
+    cfp = _cfp_eval(args, size)
+
+    def cfp_run(d: CfpDataset) -> Tensor:
+        return frontalize_faces(gan, d.images, out_size=size)
+
+    with torch.inference_mode():
+        pose_pred = gan.pose_logits(gan.preprocess(cfp.images)).argmax(1).cpu()
+    pose_acc = float((pose_pred == cfp.pose).float().mean())
+    steps = card.get("steps_trained")
+    return _Subject(
+        label="with frontaliser", title=f"Frontaliser {args.checkpoint} ({steps} steps)",
+        sheet=args.sheet or Path("docs/frontalizer_samples.png"),
+        sheet_title=f"{args.checkpoint.name}, {steps} steps: CFP ids 451-500",
+        cfp_header=("profile in", "frontalised", "real frontal"),
+        fer_sheet=args.fer_sheet or Path("docs/frontalizer_fer_samples.png"),
+        fer_header=("FER original", "frontaliser input", "frontalised"),
+        agreement_label="FER agreement original vs frontalised",
+        output=Path(str(args.checkpoint) + "_eval.json"),
+        cfp=cfp, cfp_run=cfp_run, fer_run=gan_fer_frontaliser(gan),
+        results={"checkpoint": str(args.checkpoint), "steps_trained": steps, "cfp_pose_accuracy": pose_acc},
+        rows=[("CFP 451-500 D_p pose accuracy", _fmt(pose_acc), "", str(len(cfp)))], card=card)
+
+
+def _warp_setup(args: argparse.Namespace, get_detector: Callable[[], Any]) -> _Subject:
+    """The warp-only baseline at the GAN's input size, with the detector's landmarks on the CFP
+    eval photos and its pose fit there."""
+    if args.update_card:
+        raise ValueError("--update-card stores metrics in a checkpoint's card; --warp-only has none")
+    size = default_cfg().image_size
+    cfp = _cfp_eval(args, size)
+    warp = MeshWarp(size)
+    landmarks = cfp_crop_landmarks(cfp, get_detector())
+    found = int(np.isfinite(landmarks).all((1, 2)).sum())
+    wf = WarpFrontaliser(warp, dict(zip(cfp.paths, landmarks, strict=True)))
+    fit = pose_fit_summary(warp, cfp, landmarks)
+    rows: list[Row] = [("CFP 451-500 photos with landmarks", "", f"{found}", str(len(cfp)))]
+    for cls, v in fit.items():
+        spread = f"{v['yaw_p5']:.0f}/{v['yaw_median']:.0f}/{v['yaw_p95']:.0f}"
+        rows.append((f"warp fit {cls} yaw p5/median/p95", "", spread, f"{v['found']}/{v['n']}"))
+        rows.append((f"warp fit {cls} rms / eye-mouth", "", f"{v['rms_over_eye_mouth_median']:.3f}",
+                     f"{v['found']}/{v['n']}"))
+    return _Subject(
+        label="warp-only", title="Warp-only baseline (facemodels.frontalizer.warp)",
+        sheet=args.sheet or Path("docs/frontalizer_warp_samples.png"),
+        sheet_title="warp-only (no learning): CFP ids 451-500",
+        cfp_header=("profile in", "warp-only", "real frontal"),
+        fer_sheet=args.fer_sheet or Path("docs/frontalizer_warp_fer_samples.png"),
+        fer_header=("FER original", "warp input", "warp-only"),
+        agreement_label="FER agreement original vs warped", output=WARP_OUTPUT,
+        cfp=cfp, cfp_run=wf.cfp, fer_run=wf.fer,
+        results={"frontaliser": "warp-only", "method": "facemodels.frontalizer.warp.MeshWarp",
+                 "warp": {"size": size, "mesh_y_scale": warp.y_scale, "pose_fit": fit,
+                          "cfp_landmarks_found": found, "cfp_photos": len(cfp)}},
+        rows=rows, aligned_control=True)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    warp_only = bool(getattr(args, "warp_only", False))
     detector = None
 
     def get_detector() -> Any:
@@ -208,72 +299,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                      device=device)
         return detector
 
-    model: Frontalizer | None = None
-    card: dict[str, Any] = {}
-    if warp_only:
-        if args.update_card:
-            raise ValueError("--update-card stores metrics in a checkpoint's card; --warp-only has none")
-        size = default_cfg().image_size
-        label, name = "warp-only", "warp-only (no learning)"
-        sheet = args.sheet or Path("docs/frontalizer_warp_samples.png")
-        fer_sheet = args.fer_sheet or Path("docs/frontalizer_warp_fer_samples.png")
-        results: dict[str, Any] = {"frontaliser": "warp-only",
-                                   "method": "facemodels.frontalizer.warp.MeshWarp"}
-    else:
-        model, card = load_checkpoint(args.checkpoint, device=device)
-        if card["arch"] != "frontalizer":
-            raise ValueError(f"{args.checkpoint} is a {card['arch']!r}, not a frontalizer")
-        size = model.cfg.image_size
-        label, name = "with frontaliser", f"{args.checkpoint.name}, {card.get('steps_trained')} steps"
-        sheet = args.sheet or Path("docs/frontalizer_samples.png")
-        fer_sheet = args.fer_sheet or Path("docs/frontalizer_fer_samples.png")
-        results = {"checkpoint": str(args.checkpoint), "steps_trained": card.get("steps_trained")}
-    cfp = load_cfp(args.data, size=size, cache_dir=args.cache_dir).split("eval")
-    if len(cfp) == 0:
-        raise ValueError(f"{args.data}: no evaluation ids (451-500)")
+    subject = _warp_setup(args, get_detector) if args.warp_only else _gan_setup(args, device)
+    cfp, results = subject.cfp, subject.results
     frontal, profile = cfp.subset(cfp.pose == 0), cfp.subset(cfp.pose != 0)
-    rows: list[Row] = [("metric", "without", label, "n")]
-
-    cfp_run: CfpFrontaliser
-    fer_run: Frontalizer | FerFrontaliser
-    if warp_only:
-        warp = MeshWarp(size)
-        landmarks = cfp_crop_landmarks(cfp, get_detector())
-        found = np.isfinite(landmarks).all((1, 2))
-        wf = WarpFrontaliser(warp, dict(zip(cfp.paths, landmarks, strict=True)))
-        cfp_run, fer_run = wf.cfp, wf.fer
-        fit = pose_fit_summary(warp, cfp, landmarks)
-        results["warp"] = {"size": size, "mesh_y_scale": warp.y_scale, "pose_fit": fit,
-                           "cfp_landmarks_found": int(found.sum()), "cfp_photos": len(cfp)}
-        rows.append(("CFP 451-500 photos with landmarks", "", f"{int(found.sum())}", str(len(cfp))))
-        for cls, v in fit.items():
-            spread = f"{v['yaw_p5']:.0f}/{v['yaw_median']:.0f}/{v['yaw_p95']:.0f}"
-            rows.append((f"warp fit {cls} yaw p5/median/p95", "", spread, f"{v['found']}/{v['n']}"))
-            rows.append((f"warp fit {cls} rms / eye-mouth", "", f"{v['rms_over_eye_mouth_median']:.3f}",
-                         f"{v['found']}/{v['n']}"))
-    else:
-        assert model is not None
-        gan = model
-
-        def cfp_run(d: CfpDataset) -> Tensor:
-            return frontalize_faces(gan, d.images, out_size=size)
-
-        fer_run = gan
+    rows: list[Row] = [("metric", "without", subject.label, "n"), *subject.rows]
 
     p_idx, f_idx = pick_sheet_rows(cfp, args.sample_count)
-    write_sheet(sheet, cfp.images[p_idx], cfp_run(cfp.subset(p_idx)), cfp.images[f_idx],
-                title=f"{name}: CFP ids 451-500",
-                header=("profile in", label if warp_only else "frontalised", "real frontal"))
-    if model is not None:
-        with torch.inference_mode():
-            pose_pred = model.pose_logits(model.preprocess(cfp.images)).argmax(1).cpu()
-        pose_acc = float((pose_pred == cfp.pose).float().mean())
-        results["cfp_pose_accuracy"] = pose_acc
-        rows.append(("CFP 451-500 D_p pose accuracy", _fmt(pose_acc), "", str(len(cfp))))
+    write_sheet(subject.sheet, cfp.images[p_idx], subject.cfp_run(cfp.subset(p_idx)), cfp.images[f_idx],
+                title=subject.sheet_title, header=subject.cfp_header)
 
     if not args.skip_identity:
-        ident = evaluate_identity(model if model is not None else cfp_run, Path(cfp.source), frontal,
-                                  profile, DlibEmbedder())
+        ident = evaluate_identity(subject.cfp_run, Path(cfp.source), frontal, profile, DlibEmbedder())
         results["identity"] = ident
         for pair_name in ("FP fold 10", "all F x P pairs", "FF fold 10"):
             if pair_name not in ident:
@@ -295,12 +331,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         pick = torch.randperm(len(fer), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
         faces, labels = fer.images[pick], fer.labels[pick]
         fer_landmarks = detect_face_landmarks(faces.numpy(), get_detector())
-        res = evaluate_fer(fer_run, classifier, faces, labels, fer_landmarks)
+        res = evaluate_fer(subject.fer_run, classifier, faces, labels, fer_landmarks)
         k = min(args.sample_count, n)
-        write_sheet(fer_sheet, faces[:k], res.inputs[:k], res.frontalised[:k], scale=3,
-                    header=("FER original", "warp input" if warp_only else "frontaliser input",
-                            label if warp_only else "frontalised"),
-                    title="FER2013 PublicTest")
+        write_sheet(subject.fer_sheet, faces[:k], res.inputs[:k], res.frontalised[:k], scale=3,
+                    header=subject.fer_header, title="FER2013 PublicTest")
         discordant = res.discordant()
         bins = {bin_name: {"n": k, "acc": a, "acc_frontalised": b, "fixed": discordant[bin_name][0],
                            "broke": discordant[bin_name][1], "mcnemar_p": discordant[bin_name][2]}
@@ -313,9 +347,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for bin_name, k, a, b in res.rows():
             row_label = "FER PublicTest accuracy" if bin_name == "all" else f"  |yaw| {bin_name}"
             rows.append((row_label, _fmt(a), _fmt(b), str(k)))
-        rows.append((f"FER agreement original vs {'warped' if warp_only else 'frontalised'}", "",
-                     _fmt(res.agreement), str(n)))
-        if warp_only:  # control: the warp's output framing without the 3D warp
+        rows.append((subject.agreement_label, "", _fmt(res.agreement), str(n)))
+        if subject.aligned_control:  # the warp's output framing without the 3D warp
             control = _aligned_control(res, classifier, faces, fer_landmarks)
             results["fer"]["aligned_control"] = {
                 "what": "the same faces 2D-aligned to the FER template (align_face, as served), no warp",
@@ -332,14 +365,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             spread = f"{v['p5']:.0f}/{v['median']:.0f}/{v['p95']:.0f}"
             rows.append((f"CFP {cls_name} yaw p5/median/p95", spread, "", f"{v['found']}/{v['n']}"))
 
-    title = ("Warp-only baseline (facemodels.frontalizer.warp)" if warp_only
-             else f"Frontaliser {args.checkpoint} ({card.get('steps_trained')} steps)")
-    _print_table(f"\n{title}; sheet {sheet}", rows)
-    out = args.output or (WARP_OUTPUT if warp_only else Path(str(args.checkpoint) + "_eval.json"))
+    _print_table(f"\n{subject.title}; sheet {subject.sheet}", rows)
+    out = args.output or subject.output
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    if args.update_card:
-        metrics = dict(card.get("metrics", {}))
+    if args.update_card and subject.card is not None:
+        metrics = dict(subject.card.get("metrics", {}))
         keys = ("cfp_pose_accuracy", "identity")
         metrics["CFP-eval-ids-451-500"] = {k: results[k] for k in keys if k in results}
         if "fer" in results:

@@ -23,26 +23,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from facemodels.face.pose_framing import pose_framing_matrix
-from facemodels.frontalizer.model import to_uint8
+from facemodels.frontalizer.model import default_cfg, fer_crop_to_input, to_uint8
 from facemodels.frontalizer.warp import MeshWarp
-from training.data.cfp import CfpDataset, cfp_anchors, read_fiducials
-from training.gan.fer_eval import FerFrontaliser
+from facemodels.preprocess import normalize
+from training.data.cfp import CfpDataset, cfp_fiducials_path, cfp_framing_matrix, read_fiducials
 
 __all__ = ["WarpFrontaliser", "cfp_crop_landmarks", "pose_fit_summary"]
-
-_CFP_YAW = (0.0, -90.0, 90.0)  # the yaw each pose class is framed at (align_cfp_image)
-
-
-def _fiducial_path(root: Path, rel: str) -> Path:
-    return root / (rel.replace("Data/Images/", "Data/Fiducials/", 1).removesuffix(".jpg") + ".txt")
 
 
 def cfp_crop_landmarks(data: CfpDataset, detector: Any) -> np.ndarray:
     """Five landmarks per crop of ``data`` ``(N, 5, 2)``, in crop pixels; NaN where none was found.
 
     The detector runs on the full photo; the points are mapped by the crop's framing matrix
-    (:func:`facemodels.face.pose_framing.pose_framing_matrix` of the fiducial anchors).
+    (:func:`training.data.cfp.cfp_framing_matrix`, as :func:`~training.data.cfp.load_cfp` crops).
     """
     root = Path(data.source)
     out = np.full((len(data), 5, 2), np.nan)
@@ -53,8 +46,8 @@ def cfp_crop_landmarks(data: CfpDataset, detector: Any) -> np.ndarray:
         dets = detector.detect([cv2.cvtColor(image, cv2.COLOR_BGR2RGB)])[0]
         if not dets:
             continue
-        fid = read_fiducials(_fiducial_path(root, rel))
-        matrix = pose_framing_matrix(cfp_anchors(fid), yaw=_CFP_YAW[int(data.pose[i])], size=data.size)
+        fid = read_fiducials(cfp_fiducials_path(root, rel))
+        matrix = cfp_framing_matrix(fid, int(data.pose[i]), size=data.size)
         out[i] = np.asarray(dets[0].landmarks, dtype=np.float64) @ matrix[:, :2].T + matrix[:, 2]
     return out
 
@@ -67,12 +60,10 @@ class WarpFrontaliser:
         cfp_landmarks: ``{CFP image path: (5, 2) landmarks in its crop}`` (missing or NaN: none).
     """
 
-    name = "warp-only"
-
     def __init__(self, warp: MeshWarp, cfp_landmarks: dict[str, np.ndarray] | None = None) -> None:
         self.warp = warp
         self.cfp_landmarks = cfp_landmarks or {}
-        self.stats: dict[str, Any] = {}
+        self.cfg = default_cfg(warp.size)  # the frontaliser's input and output scaling
 
     def _warp_some(self, faces: np.ndarray, landmarks: np.ndarray, fallback: np.ndarray) -> np.ndarray:
         has = np.isfinite(landmarks).all((1, 2))
@@ -96,14 +87,11 @@ class WarpFrontaliser:
         arr = faces.numpy()
         lm = np.stack([np.asarray(p, dtype=np.float64) if p is not None else np.full((5, 2), np.nan)
                        for p in landmarks]) if len(landmarks) else np.zeros((0, 5, 2))
-        resized = np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_LINEAR) for f in arr]) \
+        resized = np.stack([fer_crop_to_input(f, size=s) for f in arr]) \
             if len(arr) else np.zeros((0, s, s), np.uint8)
         out = torch.from_numpy(self._warp_some(arr, lm, resized))
-        front = to_uint8(out.float()[:, None] / 127.5 - 1.0, size=out_size)
+        front = to_uint8(normalize(out, self.cfg), size=out_size)  # resized as the GAN's output
         return torch.from_numpy(resized), front
-
-    def as_fer_frontaliser(self) -> FerFrontaliser:
-        return self.fer
 
 
 def pose_fit_summary(warp: MeshWarp, data: CfpDataset, landmarks: np.ndarray) -> dict[str, dict[str, float]]:

@@ -12,7 +12,7 @@ import torch
 from facemodels.face.pose import flip_pose
 from facemodels.face.pose_framing import EYE_Y, MOUTH_Y, NOSE_X, PROFILE_SHIFT, pose_framing_matrix
 from tests.support import require_shared
-from training.data.cfp import cfp_anchors, cfp_pose_label, load_cfp, read_fiducials
+from training.data.cfp import cfp_anchors, cfp_fiducials_path, cfp_pose_label, load_cfp, read_fiducials
 from training.data.dataset import DatasetError
 
 
@@ -39,6 +39,13 @@ def test_load_aligns_labels_and_splits(make_cfp_tree: Callable[..., Path], tmp_p
     assert len(list((tmp_path / "cache").glob("cfp64-*.npz"))) == 1
     assert torch.equal(again.images, ds.images)
     assert load_cfp(root, size=32, use_cache=False).images.shape[-1] == 32
+    # each image's fiducials, found from its dataset path (as the warp evaluation needs them)
+    for p in ds.paths:
+        assert cfp_fiducials_path(ds.source, p) == Path(ds.source) / p.replace(
+            "Images", "Fiducials").replace(".jpg", ".txt")
+        assert cfp_fiducials_path(ds.source, p).is_file()
+    with pytest.raises(ValueError, match="not a CFP image path"):
+        cfp_fiducials_path(ds.source, "Data/Fiducials/001/frontal/01.txt")
 
 
 def test_frontal_anchors_land_on_the_fer_template() -> None:
