@@ -37,7 +37,10 @@ class FrontalizerModel:
         try:
             self.helpful_yaw: list[YawRange] = [YawRange.from_json(r) for r in helps]
         except ValueError as e:
-            raise CheckpointError(f"checkpoint card {card_path(path)}: bad frontalize_helps: {e}") from e
+            raise CheckpointError(
+                f"checkpoint card {card_path(path)}: bad frontalize_helps: {e}; cards written before "
+                "yaw ranges became numbers are rewritten by `fer-train eval-frontalizer CHECKPOINT "
+                "--update-card`") from e
         log.info("loaded frontalizer from %s (%dx%d); auto frontalises |yaw| in %s", path,
                  self.size, self.size, [r.label for r in self.helpful_yaw] or "no bin")
 
