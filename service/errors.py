@@ -7,13 +7,14 @@ import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.inference.batcher import BatcherStoppedError, QueueFullError
 from service.inference.decode import ImageError
 from service.inference.pipeline import FrontalizerUnavailableError
-from service.metrics import note_error
+from service.metrics import CLIENT_CLOSED_REQUEST, note_client_disconnect, note_error
 
 __all__ = ["ApiError", "error_response", "install_error_handlers"]
 
@@ -84,6 +85,15 @@ def install_error_handlers(app: FastAPI) -> None:
         _record(request, code)
         return error_response(exc.status_code, code, str(exc.detail),
                               getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up (mid-upload, or before the models ran): nobody reads this answer.
+        # Not a server error: one INFO line, and the metrics count it under its own status.
+        note_client_disconnect(request)
+        log.info("client disconnected before the answer to %s %s; request dropped",
+                 request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,18 +3,29 @@
 Per-request metrics are recorded by one middleware (:func:`install_request_metrics`): routes
 and error handlers only note what happened (:func:`note_faces`, :func:`note_error`) on the
 request, and the middleware turns the notes into metrics once the response is known.
+
+A client that hangs up before its answer (:func:`note_client_disconnect`) is counted with the
+status ``499`` (nginx's "client closed request"), not as a server error: it is the client's doing.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Metrics", "batch_buckets", "install_request_metrics", "note_error", "note_faces"]
+__all__ = [
+    "CLIENT_CLOSED_REQUEST",
+    "Metrics",
+    "batch_buckets",
+    "install_request_metrics",
+    "note_client_disconnect",
+    "note_error",
+    "note_faces",
+]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -23,6 +34,8 @@ _REPORT = "fer_request_report"
 #: HTTP methods kept as metric labels; any other (a client may send anything) is "other", so
 #: clients cannot create unbounded label series.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The status label of a request whose client hung up before the answer (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -35,6 +48,7 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 class _RequestReport:
     faces: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    client_disconnected: bool = False
 
 
 def _report(request: Request) -> _RequestReport | None:
@@ -51,6 +65,13 @@ def note_error(request: Request, code: str) -> None:
     """Note an error of kind ``code`` in this request (recorded by the middleware)."""
     if (report := _report(request)) is not None:
         report.errors.append(code)
+
+
+def note_client_disconnect(request: Request) -> None:
+    """Note that the client hung up before its answer: recorded with status 499, not as a 5xx."""
+    if (report := _report(request)) is not None:
+        report.client_disconnected = True
+        report.errors.append("client_disconnect")
 
 
 class Metrics:
@@ -98,29 +119,52 @@ class Metrics:
 
 
 def install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
-    """Record every request's count, latency, faces and errors in one middleware."""
+    """Record every request's count, latency, faces and errors in one middleware.
 
-    @app.middleware("http")
-    async def record_request(request: Request,
-                             call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
+    wraps ``receive`` in a task group that loses a client's ``http.disconnect`` when a route asks
+    ``request.is_disconnected()``, and routes ask that before running the models.
+    """
+    app.add_middleware(_RequestMetricsMiddleware, metrics=metrics)
+
+
+class _RequestMetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         report = _RequestReport()
-        setattr(request.state, _REPORT, report)
+        scope.setdefault("state", {})[_REPORT] = report  # what request.state reads
         start = time.perf_counter()
         status = 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_and_note_status)
         except Exception:
+            status = 500
             report.errors.append("internal_error")  # answered by the outermost 500 handler
             raise
         finally:
-            path = getattr(request.scope.get("route"), "path", "unmatched")
-            method = request.method if request.method in _METHODS else "other"
-            if path != "/metrics":
-                metrics.requests.labels(route=path, method=method, status=str(status)).inc()
-                metrics.latency.labels(route=path, method=method).observe(time.perf_counter() - start)
-            for count in report.faces:
-                metrics.faces.observe(count)
-            for code in report.errors:
-                metrics.errors.labels(kind=code).inc()
+            self._record(scope, report, CLIENT_CLOSED_REQUEST if report.client_disconnected else status,
+                         time.perf_counter() - start)
+
+    def _record(self, scope: Scope, report: _RequestReport, status: int, seconds: float) -> None:
+        m = self.metrics
+        path = getattr(scope.get("route"), "path", "unmatched")
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        if path != "/metrics":
+            m.requests.labels(route=path, method=method, status=str(status)).inc()
+            m.latency.labels(route=path, method=method).observe(seconds)
+        for count in report.faces:
+            m.faces.observe(count)
+        for code in report.errors:
+            m.errors.labels(kind=code).inc()

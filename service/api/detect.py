@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.faces import detection_out
-from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, read_uploads
+from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, ensure_client_connected, read_uploads
 from service.deps import ReadyEngineDep, SettingsDep, require_api_key
 from service.metrics import note_faces
 from service.schemas import DetectResponse, ImageInfo
@@ -23,6 +23,7 @@ async def detect(
 ) -> DetectResponse:
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
+    await ensure_client_connected(request)
     faces = await engine.detect(image, max_faces=max_faces)
     note_faces(request, len(faces))
     h, w = image.shape[:2]

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.api.faces import detection_out
-from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, read_uploads
+from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, ensure_client_connected, read_uploads
 from service.deps import ReadyEngineDep, SettingsDep, require_api_key
 from service.errors import ApiError
 from service.inference.decode import encode_png
@@ -34,6 +34,7 @@ async def frontalize(
             "no frontaliser is loaded; set FER_FRONTALIZER_CHECKPOINT to a trained checkpoint")
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
+    await ensure_client_connected(request)
     faces = await engine.detect(image, max_faces=max_faces)
     note_faces(request, len(faces))
     if format == "png":

@@ -1,4 +1,10 @@
-"""Reading the uploaded image from a request: multipart, raw image body, or base64 JSON."""
+"""Reading the uploaded image from a request: multipart, raw image body, or base64 JSON.
+
+Every limit holds before the body is parsed, whatever its shape: the byte limit is checked on the
+declared ``Content-Length`` and again while the body streams in, and the image count is checked
+while a multipart body is parsed, or (JSON) on a bound of how many values the body can hold before
+``json.loads`` runs and on the ``images`` list right after it, before any base64 is decoded.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,28 @@ import asyncio
 import base64
 import binascii
 import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.config import Settings
 from service.errors import ApiError
-from service.inference.decode import ImageError, check_content_type, decode_image
+from service.inference.decode import (
+    ImageError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+    check_content_type,
+    decode_image,
+)
 
-__all__ = ["IMAGE_REQUEST_BODY", "Upload", "decode_upload", "read_uploads"]
+__all__ = ["IMAGE_REQUEST_BODY", "Upload", "decode_upload", "ensure_client_connected", "read_uploads"]
 
 #: OpenAPI description of the three accepted request bodies.
 IMAGE_REQUEST_BODY: dict[str, Any] = {
@@ -38,7 +54,24 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
     }
 }
 
-_MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the file
+_MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the files
+_DATA_URL_SLACK = 256  # per JSON image: quotes, separator, a "data:<type>;base64," prefix
+_JSON_SLACK = 1024  # the object around the images
+_JSON_EXTRA_COMMAS = 32  # commas a valid body may hold beyond two per image (other keys)
+
+
+class InvalidBase64Error(ImageError):
+    """A JSON image that is not base64 (or not a base64 ``data:`` URL)."""
+
+    status = 400
+    code = "invalid_base64"
+
+
+class InvalidEntryError(ImageError):
+    """A JSON image that is not a non-empty string."""
+
+    status = 422
+    code = "validation_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,70 +79,166 @@ class Upload:
     data: bytes
     content_type: str | None
     filename: str | None = None
+    #: Why this image cannot be used (a JSON batch entry that is not base64, say): decoding it
+    #: raises this, so a batch answers it in that image's own entry.
+    error: ImageError | None = None
 
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"request body exceeds the {limit}-byte upload limit")
 
 
-async def _body(request: Request, limit: int) -> bytes:
+def _too_many(detail: str, limit: int, many: bool) -> ApiError:
+    hint = "" if many else " (this route takes one image; POST /predict/batch takes several)"
+    return ApiError(413, "too_many_images", f"{detail}; the limit is {limit}{hint}")
+
+
+def _b64_len(n: int) -> int:
+    """Length of the base64 text of ``n`` bytes (padded)."""
+    return 4 * -(-n // 3)
+
+
+async def _limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives; a 413 as soon as it passes ``limit`` bytes (chunked bodies too)."""
+    size = 0
+    async with aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            yield chunk
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    _check_declared_length(request, limit)
+    chunks = []
+    async with aclosing(_limited_stream(request, limit)) as stream:
+        async for chunk in stream:
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _from_base64(text: Any) -> bytes:
-    if not isinstance(text, str) or not text:
-        raise ApiError(422, "validation_error", "body.image: a non-empty base64 string is required")
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
+async def _form(request: Request, *, max_files: int, limit: int, many: bool) -> FormData:
+    """The multipart form, parsed as it streams in: the byte limit and the image count hold while
+    parsing (the 17th file of a 16-image batch is a 413 ``too_many_images`` at once)."""
+    _check_declared_length(request, limit)
+    async with aclosing(_limited_stream(request, limit)) as stream:
+        parser = MultiPartParser(request.headers, stream, max_files=max_files, max_fields=16)
+        try:
+            return await parser.parse()
+        except MultiPartException as e:
+            if e.message.startswith("Too many files"):
+                raise _too_many(f"more than {max_files} image(s) sent", max_files, many) from e
+            raise ApiError(400, "invalid_multipart", f"multipart body: {e.message}") from e
+
+
+def _parse_json(raw: bytes, *, max_commas: int, many: bool, max_images: int) -> Any:
+    """``json.loads`` with its cost bounded first, and every failure a 4xx.
+
+    Every JSON value but the first of its container follows a comma, so the commas in the bytes
+    (structural ones, and any inside strings) bound how many objects parsing can build: a body
+    with far more values than images is refused before it is parsed. Nesting is bounded by the
+    interpreter's recursion limit, which ``json`` enforces: too deep is a 422, not a
+    ``RecursionError``.
+    """
+    commas = raw.count(b",")
+    if commas > max_commas:
+        if many:
+            raise _too_many(f"the JSON body holds up to {commas + 1} values, more than "
+                            f"{max_images} images need", max_images, many)
+        raise ApiError(422, "validation_error",
+                       f"JSON body holds {commas + 1} values; send {{\"image\": \"<base64>\"}}")
     try:
-        return base64.b64decode(text, validate=True)
+        return json.loads(raw or b"null")
+    except RecursionError as e:
+        raise ApiError(422, "validation_error", "JSON body is nested too deeply") from e
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, int digit limits, encodings
+        raise ApiError(422, "validation_error", f"body is not valid JSON: {e}") from e
+
+
+def _decode_text(text: Any, where: str, max_bytes: int) -> Upload:
+    """One JSON image (base64, or a ``data:<type>;base64,`` URL whose type is checked) to bytes."""
+    if not isinstance(text, str) or not text:
+        raise InvalidEntryError(f"{where}: a non-empty base64 string is required")
+    content_type = None
+    if text.startswith("data:"):
+        header, comma, text = text[len("data:"):].partition(",")
+        params = [p.strip().lower() for p in header.split(";")]
+        if not comma or params[-1] != "base64":
+            raise InvalidBase64Error(f"{where}: a data URL must be data:<type>;base64,<data>")
+        content_type = params[0] or None
+        try:
+            check_content_type(content_type)
+        except UnsupportedMediaTypeError as e:
+            raise UnsupportedMediaTypeError(f"{where}: data URL {e.message}") from e
+    if len(text) > _b64_len(max_bytes):
+        raise PayloadTooLargeError(f"{where} holds more than the {max_bytes}-byte upload limit")
+    try:
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ApiError(400, "invalid_base64", f"body.image is not valid base64: {e}") from e
+        raise InvalidBase64Error(f"{where} is not valid base64: {e}") from e
+    return Upload(data, content_type)
+
+
+def _json_entry(text: Any, where: str, max_bytes: int) -> Upload:
+    try:
+        return _decode_text(text, where, max_bytes)
+    except ImageError as e:
+        return Upload(b"", None, error=e)
 
 
 async def read_uploads(request: Request, settings: Settings, *, many: bool = False) -> list[Upload]:
-    """The image(s) in the request. ``many`` accepts several ``files`` (or ``file``) parts."""
+    """The image(s) in the request. ``many`` accepts several ``files`` (or ``file``) parts, or a
+    JSON ``images`` list; there an image that cannot be used carries its error in
+    :attr:`Upload.error` (raised by :func:`decode_upload`) instead of failing the request."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    limit = settings.max_upload_bytes * (settings.max_batch_images if many else 1)
+    max_images = settings.max_batch_images if many else 1
     if media == "multipart/form-data":
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
-            raise _too_large(limit)
-        form = await request.form(max_files=settings.max_batch_images if many else 1, max_fields=16)
-        parts = [p for key in ("files", "file", "image") for p in form.getlist(key)]
-        files = [p for p in parts if isinstance(p, UploadFile)]
-        if not files:
-            names = "'files' or 'file'" if many else "'file'"
-            raise ApiError(422, "validation_error", f"multipart body has no {names} file field")
-        if len(files) > settings.max_batch_images:
-            raise ApiError(413, "too_many_images",
-                           f"{len(files)} images sent; the limit is {settings.max_batch_images}")
-        uploads = []
-        for f in files:
-            data = await f.read(settings.max_upload_bytes + 1)
-            uploads.append(Upload(data, f.content_type, f.filename))
-        return uploads
-    if media == "application/json":
-        raw = await _body(request, limit * 4 // 3 + 1024)
+        limit = settings.max_upload_bytes * max_images
+        form = await _form(request, max_files=max_images, limit=limit + _MULTIPART_SLACK, many=many)
         try:
-            payload = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(422, "validation_error", f"body is not valid JSON: {e}") from e
+            parts = [p for key in ("files", "file", "image") for p in form.getlist(key)]
+            files = [p for p in parts if isinstance(p, UploadFile)]
+            if not files:
+                names = "'files' or 'file'" if many else "'file'"
+                raise ApiError(422, "validation_error", f"multipart body has no {names} file field")
+            if len(files) > max_images:
+                raise _too_many(f"{len(files)} images sent", max_images, many)
+            uploads = []
+            for f in files:
+                data = await f.read(settings.max_upload_bytes + 1)
+                uploads.append(Upload(data, f.content_type, f.filename))
+            return uploads
+        finally:
+            await form.close()
+    if media == "application/json":
+        per_image = _b64_len(settings.max_upload_bytes) + _DATA_URL_SLACK
+        raw = await _body(request, max_images * per_image + _JSON_SLACK)
+        payload = _parse_json(raw, max_commas=2 * max_images + _JSON_EXTRA_COMMAS, many=many,
+                              max_images=max_images)
         if not isinstance(payload, dict):
             raise ApiError(422, "validation_error", "JSON body must be an object with an 'image' field")
-        items = payload.get("images") if many and "images" in payload else [payload.get("image")]
-        if not isinstance(items, list) or not items or items == [None]:
+        if many and "images" in payload:
+            items, where = payload["images"], "body.images[{}]"
+            if not isinstance(items, list) or not items:
+                raise ApiError(422, "validation_error", "body.images: a non-empty list is required")
+            if len(items) > max_images:
+                raise _too_many(f"{len(items)} images sent", max_images, many)
+        elif "image" in payload:
+            items, where = [payload["image"]], "body.image"
+        else:
             raise ApiError(422, "validation_error", "body.image: field required")
-        return [Upload(_from_base64(t), None) for t in items]
+        uploads = [_json_entry(t, where.format(i), settings.max_upload_bytes)
+                   for i, t in enumerate(items)]
+        if not many and uploads[0].error is not None:
+            raise uploads[0].error
+        return uploads
     if not media:
         raise ApiError(422, "validation_error",
                        "no image: send multipart 'file', an image body, or JSON with 'image'")
@@ -122,6 +251,15 @@ async def read_uploads(request: Request, settings: Settings, *, many: bool = Fal
 
 async def decode_upload(upload: Upload, settings: Settings) -> np.ndarray:
     """Decode and validate off the event loop (large JPEGs take tens of milliseconds)."""
+    if upload.error is not None:
+        raise upload.error
     return await asyncio.to_thread(
         decode_image, upload.data, content_type=upload.content_type,
         max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+
+
+async def ensure_client_connected(request: Request) -> None:
+    """Raise :class:`ClientDisconnect` when the client has hung up: the models are not run for
+    an answer nobody will read (the app records it as a client disconnect, status 499)."""
+    if await request.is_disconnected():
+        raise ClientDisconnect()

@@ -9,7 +9,13 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.faces import prediction_out
-from service.api.inputs import IMAGE_REQUEST_BODY, Upload, decode_upload, read_uploads
+from service.api.inputs import (
+    IMAGE_REQUEST_BODY,
+    Upload,
+    decode_upload,
+    ensure_client_connected,
+    read_uploads,
+)
 from service.config import Settings
 from service.deps import ReadyEngineDep, SettingsDep, require_api_key
 from service.errors import ApiError
@@ -40,6 +46,7 @@ async def _predict_image(
         raise ApiError(400, "unknown_model",
                        f"model {model[:100]!r} is not loaded; available: {', '.join(engine.classifiers)}")
     use_tta = settings.tta if tta is None else tta
+    await ensure_client_connected(request)
     results = await engine.predict(image, model=model, tta=use_tta, max_faces=max_faces, detect=detect,
                                    frontalize=frontalize)
     if detect:

@@ -128,11 +128,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_server(tmp: Path, detector_weights: Path, **env_overrides: str) -> Iterator[Server]:
+def run_server(tmp: Path, detector_weights: Path, *, log_level: str = "warning",
+               **env_overrides: str) -> Iterator[Server]:
     """The real service (``python -m service.cli``, what ``fer-serve`` runs) on a loopback port.
 
     It serves the shipped checkpoints on the CPU with PyTorch, one thread, the converted detector
-    weights and a temporary cache; ``env_overrides`` adds ``FER_*`` settings.
+    weights and a temporary cache; ``env_overrides`` adds ``FER_*`` settings. Its log (at
+    ``log_level``) is :meth:`Server.tail`.
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FER_")}
@@ -143,7 +145,7 @@ def run_server(tmp: Path, detector_weights: Path, **env_overrides: str) -> Itera
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+             "--log-level", log_level], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(url=f"http://127.0.0.1:{port}/", process=proc, log=log)
     try:
         deadline = time.monotonic() + SERVER_START_S
