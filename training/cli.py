@@ -17,6 +17,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
     from training.export import export_main, get_export_parser
     from training.gan import evaluate as gan_eval
     from training.gan import train as gan_train
+    from training.quantize import get_quantize_parser, quantize_main
     from training.train_classifier import get_args_parser
     from training.train_classifier import main as classify_main
 
@@ -26,6 +27,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
         "ensemble": (get_ensemble_parser, ensemble_main),
         "cv": (get_cv_parser, cv_main),
         "export": (get_export_parser, export_main),
+        "quantize": (get_quantize_parser, quantize_main),
         "frontalizer": (gan_train.get_args_parser, gan_train.main),
         "eval-frontalizer": (gan_eval.get_args_parser, gan_eval.main),
     }
