@@ -69,6 +69,12 @@ class Settings(BaseSettings):
                             "the safetensors into cache_dir/onnx/ at start-up and reused while the "
                             "weights are unchanged",
     )
+    int8: Literal["auto", "off"] = Field(
+        "auto", description="FER_INT8, onnx backend only: auto serves a classifier from the int8 graph "
+                            "<stem>.int8.onnx beside its checkpoint (fer-train quantize) when that "
+                            "graph's note names the checkpoint's weights by SHA-256, else from the "
+                            "float32 graph; off always serves float32. The torch backend ignores it",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of torch and of each ONNX Runtime "
                                                     "session; 0 = torch's default (one per core, or "
                                                     "OMP_NUM_THREADS)")

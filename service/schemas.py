@@ -95,6 +95,8 @@ class ModelInfo(BaseModel):
     version: str
     device: str
     backend: str = Field("torch", description="torch (PyTorch) or onnx (ONNX Runtime on the CPU)")
+    precision: str = Field("fp32", description="int8 (the onnx backend serving the checkpoint's "
+                                               "quantised graph, FER_INT8) or fp32")
     card: dict[str, Any]
 
 

@@ -144,8 +144,10 @@ def quantize_main(args: argparse.Namespace) -> dict[str, Any]:
         export_classifier(model, fp32)
         info = quantize_classifier(fp32, out, faces, model.cfg, method=args.method)
     source = weights_path(args.checkpoint)
+    # The service serves <stem>.int8.onnx beside a checkpoint only while weights_sha256 is the
+    # hash of that checkpoint's weights file and onnx_sha256 the hash of the graph's bytes.
     note = {**card, "format": "onnx-int8-qdq", "exported_from": str(source),
-            "weights_sha256": sha256_file(source), "onnx_file": out.name,
+            "weights_sha256": sha256_file(source), "onnx_file": out.name, "onnx_sha256": sha256_file(out),
             "calibration": {"data": str(args.data), "split": "Training", "faces": len(faces),
                             "seed": args.seed, "method": args.method, "views": "ten-crop"}}
     write_text_atomically(out.with_name(out.name + ".json"), json.dumps(note, indent=2) + "\n")

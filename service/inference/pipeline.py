@@ -128,7 +128,7 @@ class InferenceEngine:
             self.detector = RetinaFaceDetector.from_cache(s.cache_dir, **kwargs)
         for spec in classifier_specs(s):  # default first; each checkpoint file loaded once
             self.classifiers[spec.name] = Classifier(spec.path, name=spec.name, role=spec.role,
-                                                     device=self.device, **runtime)
+                                                     device=self.device, int8=s.int8, **runtime)
         frontalizer = frontalizer_path(s)
         if frontalizer is not None:
             self.frontalizer = FrontalizerModel(frontalizer, device=self.device)

@@ -243,6 +243,8 @@ def test_default_settings_serve_the_shipped_model(detector_weights: Path, face_j
     with TestClient(create_app(settings)) as c:
         models = {m["name"]: m for m in c.get("/models").json()["models"]}
         assert models["default"]["card"]["metrics"]["PublicTest"]["acc_tta"] > 0.6
+        if c.app.state.engine.backend == "onnx" and (DEFAULT_CHECKPOINTS / "default.int8.onnx").is_file():
+            assert models["default"]["precision"] == "int8"  # the shipped int8 graph, by default on CPU
         body = c.post("/predict", content=face_jpeg, headers=JPEG).json()
         shipped_ensemble = (DEFAULT_CHECKPOINTS / "ensemble.safetensors").is_file()
         assert ("ensemble" in models) == shipped_ensemble

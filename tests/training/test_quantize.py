@@ -13,7 +13,7 @@ import torch
 import training.quantize as quantize
 from facemodels.checkpoint import load_checkpoint, save_checkpoint
 from facemodels.models import create_model
-from facemodels.onnx_export import create_session, export_classifier
+from facemodels.onnx_export import create_session, export_classifier, sha256_file
 from facemodels.predict import predict_probs_onnx
 from training.cli import main
 
@@ -71,6 +71,9 @@ def test_quantize_cli(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.Monk
     note = json.loads((tmp_path / "out" / "clf.onnx.json").read_text())
     assert note["format"] == "onnx-int8-qdq" and note["arch"] == "compact_resnet_s"
     assert note["calibration"]["split"] == "Training" and note["calibration"]["faces"] == 40
+    # the service serves the graph only beside these weights, and only these bytes
+    assert note["weights_sha256"] == sha256_file(checkpoint.with_suffix(".safetensors"))
+    assert note["onnx_sha256"] == sha256_file(tmp_path / "out" / "clf.onnx")
     session = create_session(tmp_path / "out" / "clf.onnx")
     (probs,) = session.run(None, {"input": np.zeros((3, 1, 44, 44), np.float32)})
     assert probs.shape == (3, 7)
