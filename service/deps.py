@@ -9,10 +9,11 @@ from fastapi import Depends, Request
 
 from service.config import Settings
 from service.errors import ApiError
+from service.inference.batcher import MIN_RETRY_AFTER_S, QueueFullError
 from service.inference.pipeline import InferenceEngine
 from service.metrics import Metrics
 
-__all__ = ["EngineDep", "MetricsDep", "ReadyEngineDep", "SettingsDep", "require_api_key"]
+__all__ = ["EngineDep", "MetricsDep", "ReadyEngineDep", "SettingsDep", "admit", "require_api_key"]
 
 
 def get_settings(request: Request) -> Settings:
@@ -32,6 +33,27 @@ def get_ready_engine(request: Request) -> InferenceEngine:
     if not engine.ready:
         raise ApiError(503, "not_ready", "models are still loading", {"Retry-After": "5"})
     return engine
+
+
+def admit(engine: InferenceEngine, *models: str) -> None:
+    """Admit a request only while every batch queue it will use has room: called at the start
+    of a route, before the upload is read, so that under overload the 503 ``queue_full`` (with
+    ``Retry-After``) costs no reading or decoding. ``models`` are batcher names (``detector``, a
+    classifier, ``frontalizer``); a name that is not loaded is left to the route to refuse.
+
+    A request admitted here can still meet a full queue later (others filled it meanwhile): the
+    batcher then refuses it the same way.
+    """
+    capacity = engine.settings.max_queue  # every batcher's queue holds max_queue items
+    depths = engine.queue_depths()
+    for name in models:
+        depth = depths.get(name)
+        if depth is not None and depth >= capacity:
+            if engine.observer is not None:
+                engine.observer.on_error(name, "queue_full")
+            raise QueueFullError(
+                f"batcher {name!r} queue is full ({depth}/{capacity} queued); request refused before "
+                "reading it", retry_after=MIN_RETRY_AFTER_S)
 
 
 def require_api_key(request: Request) -> None:

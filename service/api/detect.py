@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.faces import detection_out
 from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, ensure_client_connected, read_uploads
-from service.deps import ReadyEngineDep, SettingsDep, require_api_key
+from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
+from service.inference.decode import original_size
 from service.metrics import note_faces
 from service.schemas import DetectResponse, ImageInfo
 
@@ -21,10 +22,11 @@ async def detect(
     request: Request, engine: ReadyEngineDep, settings: SettingsDep,
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> DetectResponse:
+    admit(engine, "detector")  # a full queue is a 503 before the upload is read
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
     await ensure_client_connected(request)
     faces = await engine.detect(image, max_faces=max_faces)
     note_faces(request, len(faces))
-    h, w = image.shape[:2]
+    w, h = original_size(image)  # a large image may have been decoded reduced
     return DetectResponse(image=ImageInfo(width=w, height=h), faces=[detection_out(f) for f in faces])

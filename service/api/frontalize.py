@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.api.faces import detection_out
 from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, ensure_client_connected, read_uploads
-from service.deps import ReadyEngineDep, SettingsDep, require_api_key
+from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
 from service.errors import ApiError
-from service.inference.decode import encode_png
+from service.inference.decode import encode_png, original_size
 from service.inference.pipeline import FrontalizerUnavailableError
 from service.metrics import note_faces
 from service.schemas import FrontalFace, FrontalizeResponse, ImageInfo, ModelRef
@@ -32,6 +32,7 @@ async def frontalize(
     if engine.frontalizer is None:
         raise FrontalizerUnavailableError(
             "no frontaliser is loaded; set FER_FRONTALIZER_CHECKPOINT to a trained checkpoint")
+    admit(engine, "detector", "frontalizer")  # a full queue is a 503 before the upload is read
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
     await ensure_client_connected(request)
@@ -44,7 +45,7 @@ async def frontalize(
         return Response(await asyncio.to_thread(encode_png, frontal), media_type="image/png")
     frontals = await engine.frontalize(image, faces)
     pngs = await asyncio.to_thread(lambda: [encode_png(f) for f in frontals])
-    h, w = image.shape[:2]
+    w, h = original_size(image)  # a large image may have been decoded reduced
     fz = engine.frontalizer
     return FrontalizeResponse(
         image=ImageInfo(width=w, height=h),

@@ -4,6 +4,11 @@ Every limit holds before the body is parsed, whatever its shape: the byte limit 
 declared ``Content-Length`` and again while the body streams in, and the image count is checked
 while a multipart body is parsed, or (JSON) on a bound of how many values the body can hold before
 ``json.loads`` runs and on the ``images`` list right after it, before any base64 is decoded.
+
+A JSON body larger than :data:`INLINE_JSON_BYTES` is parsed and its base64 decoded in a worker
+thread, in steps that each hold the GIL briefly (json's pure-Python scanner, so every long string
+is its own C call; base64 in 1 MiB pieces): the event loop, and ``/healthz``, stay responsive
+while a batch of large images is parsed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import json
+import json.scanner
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -58,6 +64,10 @@ _MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the files
 _DATA_URL_SLACK = 256  # per JSON image: quotes, separator, a "data:<type>;base64," prefix
 _JSON_SLACK = 1024  # the object around the images
 _JSON_EXTRA_COMMAS = 32  # commas a valid body may hold beyond two per image (other keys)
+#: JSON bodies up to this size are parsed on the event loop (well under a millisecond); larger
+#: ones in a worker thread.
+INLINE_JSON_BYTES = 128 * 1024
+_B64_PIECE = 1 << 20  # base64 characters decoded per call (a multiple of 4)
 
 
 class InvalidBase64Error(ImageError):
@@ -115,13 +125,17 @@ def _check_declared_length(request: Request, limit: int) -> None:
         raise _too_large(limit)
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _chunks(request: Request, limit: int) -> list[bytes]:
     _check_declared_length(request, limit)
     chunks = []
     async with aclosing(_limited_stream(request, limit)) as stream:
         async for chunk in stream:
             chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    return b"".join(await _chunks(request, limit))
 
 
 async def _form(request: Request, *, max_files: int, limit: int, many: bool) -> FormData:
@@ -136,6 +150,16 @@ async def _form(request: Request, *, max_files: int, limit: int, many: bool) -> 
             if e.message.startswith("Too many files"):
                 raise _too_many(f"more than {max_files} image(s) sent", max_files, many) from e
             raise ApiError(400, "invalid_multipart", f"multipart body: {e.message}") from e
+
+
+def _stepwise_loads(raw: bytes) -> Any:
+    """``json.loads`` for a large body, in steps that each hold the GIL briefly: the pure-Python
+    scanner walks the (few, as the comma bound ensures) values and hands each string to the C
+    ``scanstring`` on its own, where the C scanner would parse the whole body in one call."""
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    decoder = json.JSONDecoder()
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    return decoder.decode(text)
 
 
 def _parse_json(raw: bytes, *, max_commas: int, many: bool, max_images: int) -> Any:
@@ -155,11 +179,27 @@ def _parse_json(raw: bytes, *, max_commas: int, many: bool, max_images: int) -> 
         raise ApiError(422, "validation_error",
                        f"JSON body holds {commas + 1} values; send {{\"image\": \"<base64>\"}}")
     try:
+        if len(raw) > INLINE_JSON_BYTES:
+            return _stepwise_loads(raw)
         return json.loads(raw or b"null")
     except RecursionError as e:
         raise ApiError(422, "validation_error", "JSON body is nested too deeply") from e
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, int digit limits, encodings
         raise ApiError(422, "validation_error", f"body is not valid JSON: {e}") from e
+
+
+def _b64decode(text: str) -> bytes:
+    """``base64.b64decode(text, validate=True)``, in pieces of :data:`_B64_PIECE` characters so
+    that no single call holds the GIL for long; padding is only accepted at the very end."""
+    if len(text) <= _B64_PIECE:
+        return base64.b64decode(text, validate=True)
+    pieces = []
+    for start in range(0, len(text), _B64_PIECE):
+        piece = text[start:start + _B64_PIECE]
+        if start + _B64_PIECE < len(text) and piece.endswith("="):
+            raise binascii.Error("padding before the end of the data")
+        pieces.append(base64.b64decode(piece, validate=True))
+    return b"".join(pieces)
 
 
 def _decode_text(text: Any, where: str, max_bytes: int) -> Upload:
@@ -180,7 +220,7 @@ def _decode_text(text: Any, where: str, max_bytes: int) -> Upload:
     if len(text) > _b64_len(max_bytes):
         raise PayloadTooLargeError(f"{where} holds more than the {max_bytes}-byte upload limit")
     try:
-        data = base64.b64decode(text, validate=True)
+        data = _b64decode(text)
     except (binascii.Error, ValueError) as e:
         raise InvalidBase64Error(f"{where} is not valid base64: {e}") from e
     return Upload(data, content_type)
@@ -191,6 +231,30 @@ def _json_entry(text: Any, where: str, max_bytes: int) -> Upload:
         return _decode_text(text, where, max_bytes)
     except ImageError as e:
         return Upload(b"", None, error=e)
+
+
+def _json_uploads(chunks: list[bytes], max_images: int, many: bool, max_bytes: int) -> list[Upload]:
+    """The image(s) of a JSON body: parsed, checked and base64-decoded (synchronous: a large body
+    runs it in a worker thread, a small one on the event loop)."""
+    raw = b"".join(chunks)
+    payload = _parse_json(raw, max_commas=2 * max_images + _JSON_EXTRA_COMMAS, many=many,
+                          max_images=max_images)
+    if not isinstance(payload, dict):
+        raise ApiError(422, "validation_error", "JSON body must be an object with an 'image' field")
+    if many and "images" in payload:
+        items, where = payload["images"], "body.images[{}]"
+        if not isinstance(items, list) or not items:
+            raise ApiError(422, "validation_error", "body.images: a non-empty list is required")
+        if len(items) > max_images:
+            raise _too_many(f"{len(items)} images sent", max_images, many)
+    elif "image" in payload:
+        items, where = [payload["image"]], "body.image"
+    else:
+        raise ApiError(422, "validation_error", "body.image: field required")
+    uploads = [_json_entry(t, where.format(i), max_bytes) for i, t in enumerate(items)]
+    if not many and uploads[0].error is not None:
+        raise uploads[0].error
+    return uploads
 
 
 async def read_uploads(request: Request, settings: Settings, *, many: bool = False) -> list[Upload]:
@@ -219,26 +283,12 @@ async def read_uploads(request: Request, settings: Settings, *, many: bool = Fal
             await form.close()
     if media == "application/json":
         per_image = _b64_len(settings.max_upload_bytes) + _DATA_URL_SLACK
-        raw = await _body(request, max_images * per_image + _JSON_SLACK)
-        payload = _parse_json(raw, max_commas=2 * max_images + _JSON_EXTRA_COMMAS, many=many,
-                              max_images=max_images)
-        if not isinstance(payload, dict):
-            raise ApiError(422, "validation_error", "JSON body must be an object with an 'image' field")
-        if many and "images" in payload:
-            items, where = payload["images"], "body.images[{}]"
-            if not isinstance(items, list) or not items:
-                raise ApiError(422, "validation_error", "body.images: a non-empty list is required")
-            if len(items) > max_images:
-                raise _too_many(f"{len(items)} images sent", max_images, many)
-        elif "image" in payload:
-            items, where = [payload["image"]], "body.image"
-        else:
-            raise ApiError(422, "validation_error", "body.image: field required")
-        uploads = [_json_entry(t, where.format(i), settings.max_upload_bytes)
-                   for i, t in enumerate(items)]
-        if not many and uploads[0].error is not None:
-            raise uploads[0].error
-        return uploads
+        chunks = await _chunks(request, max_images * per_image + _JSON_SLACK)
+        size = sum(len(c) for c in chunks)
+        args = (chunks, max_images, many, settings.max_upload_bytes)
+        if size <= INLINE_JSON_BYTES:
+            return _json_uploads(*args)
+        return await asyncio.to_thread(_json_uploads, *args)
     if not media:
         raise ApiError(422, "validation_error",
                        "no image: send multipart 'file', an image body, or JSON with 'image'")

@@ -17,7 +17,7 @@ from service.api.inputs import (
     read_uploads,
 )
 from service.config import Settings
-from service.deps import ReadyEngineDep, SettingsDep, require_api_key
+from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
 from service.errors import ApiError
 from service.inference.decode import ImageError
 from service.inference.pipeline import FrontalizeMode, InferenceEngine
@@ -36,6 +36,14 @@ ModelName = Annotated[str, Query(
                 "an unknown name is a 400 unknown_model listing the loaded ones",
     examples=["default"],
 )]
+
+
+def _admit(engine: InferenceEngine, *, model: str, detect: bool, frontalize: FrontalizeMode) -> None:
+    """Refuse (503 ``queue_full``) before the upload is read when a queue this request needs is full."""
+    names = (["detector"] if detect else []) + [model]
+    if detect and frontalize is FrontalizeMode.ON:
+        names.append("frontalizer")
+    admit(engine, *names)
 
 
 async def _predict_image(
@@ -73,6 +81,7 @@ async def predict(
         description="auto: frontalise turned faces where the frontaliser's evaluation says it helps")
     ] = FrontalizeMode.AUTO,
 ) -> PredictResponse:
+    _admit(engine, model=model, detect=detect, frontalize=frontalize)
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)
     return await _predict_image(request, image, engine, settings, model=model, tta=tta,
@@ -89,6 +98,7 @@ async def predict_batch(
     detect: bool = True,
     frontalize: FrontalizeMode = FrontalizeMode.AUTO,
 ) -> BatchPredictResponse:
+    _admit(engine, model=model, detect=detect, frontalize=frontalize)
     uploads = await read_uploads(request, settings, many=True)
 
     async def one(upload: Upload) -> BatchItem:

@@ -1,5 +1,6 @@
-"""Hostile and unlucky requests through the real app (issue 17, items 1-4): deeply nested JSON,
-clients that hang up, one bad image in a JSON batch, and limits that hold for every body shape.
+"""Hostile and unlucky requests through the real app (issue 17, items 1-5 and 8): deeply nested
+JSON, clients that hang up, one bad image in a JSON batch, limits that hold for every body shape,
+a large JSON batch parsed off the event loop, and a full queue refused before the upload is read.
 
 Most tests go through ``TestClient``; those that need a body that arrives in pieces, or a client
 that hangs up, drive the same app with raw ASGI messages (:func:`_asgi_post`), and one starts the
@@ -12,6 +13,7 @@ import base64
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ class AsgiResult:
     status: int | None
     body: bytes
     chunks_read: int
+    headers: dict[str, str] | None = None
 
 
 def _asgi_post(client: TestClient, path: str, headers: dict[str, str], chunks: list[bytes], *,
@@ -99,6 +102,7 @@ def _asgi_post(client: TestClient, path: str, headers: dict[str, str], chunks: l
         async def send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 result.status = message["status"]
+                result.headers = {k.decode(): v.decode() for k, v in message.get("headers", [])}
             elif message["type"] == "http.response.body":
                 result.body += message.get("body", b"")
                 if not message.get("more_body", False):
@@ -335,3 +339,166 @@ def test_multipart_body_over_the_byte_limit_stops_reading(small_client: TestClie
                                             b"data\r\n--x--\r\n",
                                     headers={"content-type": "multipart/form-data; boundary=x"}),
                   400, "invalid_multipart")
+
+
+# --- 5. large JSON bodies are parsed off the event loop ---------------------------------------
+
+
+def _padded_jpeg(jpeg: bytes, size: int) -> bytes:
+    """``jpeg`` grown to about ``size`` bytes with comment (COM) segments: still a valid JPEG of
+    the same picture, as large as a camera photo."""
+    pad = b"\xff\xfe" + (65535).to_bytes(2, "big") + b"\0" * 65533
+    return jpeg[:2] + pad * max(0, (size - len(jpeg)) // len(pad)) + jpeg[2:]
+
+
+@pytest.fixture(scope="module")
+def big_json_batch(face_jpeg: bytes) -> bytes:
+    """A JSON /predict/batch body of 16 face photos of 9 MB each (under the 10 MiB limit): 192 MB
+    of base64."""
+    return json.dumps({"images": [_b64(_padded_jpeg(face_jpeg, 9_000_000))] * 16}).encode()
+
+
+def test_stepwise_parsing_matches_json_and_base64() -> None:
+    from service.api import inputs
+
+    body = json.dumps({"images": ["A" * 300_000, "data:image/png;base64,AAAA"], "x": [1, 2.5, None,
+                                                                                    {"y": True}]})
+    assert inputs._stepwise_loads(body.encode()) == json.loads(body)
+    data = bytes(range(256)) * 20_000  # 5 MB: several base64 pieces
+    assert inputs._b64decode(_b64(data)) == data
+    for n in (1, 2, 3, 4):  # padding at the end only
+        assert inputs._b64decode(_b64(data[:n] + data)) == data[:n] + data
+    bad = "AA==" + "A" * (inputs._B64_PIECE - 4) + "AAAA"  # padding ending a middle piece
+    with pytest.raises(ValueError):
+        inputs._b64decode(bad)
+    with pytest.raises(ValueError):
+        base64.b64decode(bad, validate=True)
+
+
+def test_large_json_body_is_parsed_off_the_event_loop(client: TestClient, face_jpeg: bytes,
+                                                      big_json_batch: bytes,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic: which thread parses the JSON and decodes its base64."""
+    from service.api import inputs
+
+    threads: list[tuple[str, int]] = []
+    for name in ("_parse_json", "_b64decode"):
+        real = getattr(inputs, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            threads.append((_name, threading.get_ident()))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(inputs, name, spy)
+    assert client.portal is not None
+    loop_thread = client.portal.call(threading.get_ident)
+    json_headers = {"content-type": "application/json"}
+    # a small body stays on the loop: no thread hop for a 25 kB photo
+    small = json.dumps({"image": _b64(face_jpeg)}).encode()
+    assert len(small) <= inputs.INLINE_JSON_BYTES
+    assert client.post("/predict", content=small, headers=json_headers).status_code == 200
+    assert {t for _, t in threads} == {loop_thread} and {n for n, _ in threads} == {"_parse_json",
+                                                                                   "_b64decode"}
+    threads.clear()
+    r = client.post("/predict/batch", content=big_json_batch, headers=json_headers)
+    assert r.status_code == 200, r.text[:300]
+    assert all(len(item["result"]["faces"]) == 1 for item in r.json()["results"])
+    assert len([n for n, _ in threads if n == "_b64decode"]) >= 16  # in pieces
+    assert loop_thread not in {t for _, t in threads}
+
+
+def test_healthz_answers_while_a_large_json_batch_is_parsed(client: TestClient,
+                                                            big_json_batch: bytes) -> None:
+    """/healthz answers within 0.5 s all through a 192 MB JSON batch of 16 photos (before the fix
+    the loop parsed it and stalled for about a second). Generous for a busy 2-core machine: each
+    step of the parse holds the GIL for tens of milliseconds at most."""
+    bound_s = 0.5
+    answer: dict[str, object] = {}
+
+    def post() -> None:
+        answer["response"] = client.post("/predict/batch", content=big_json_batch,
+                                         headers={"content-type": "application/json"})
+
+    assert client.get("/healthz").status_code == 200
+    worker = threading.Thread(target=post)
+    latencies = []
+    worker.start()
+    while worker.is_alive():
+        t0 = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        latencies.append(time.perf_counter() - t0)
+    worker.join()
+    r = answer["response"]
+    assert isinstance(r, httpx.Response) and r.status_code == 200, r
+    assert len(r.json()["results"]) == 16
+    assert len(latencies) >= 3, latencies  # polled all through the request
+    assert max(latencies) < bound_s, f"/healthz took {max(latencies):.3f} s: {sorted(latencies)[-5:]}"
+
+
+# --- 8. a full queue is refused before the upload is read --------------------------------------
+
+
+@pytest.fixture
+def queue_client(make_settings) -> Iterator[TestClient]:
+    """The app with room for two queued items per model."""
+    with TestClient(create_app(make_settings(max_queue=2, max_faces=2))) as c:
+        yield c
+
+
+def test_full_queue_is_a_503_before_the_upload_is_read(queue_client: TestClient, face_jpeg: bytes,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    c = queue_client
+    engine = c.app.state.engine
+    entered, release = threading.Event(), threading.Event()
+    real_detect = engine.detector.detect
+
+    def blocked_detect(images):
+        entered.set()
+        assert release.wait(30), "the test never released the detector"
+        return real_detect(images)
+
+    monkeypatch.setattr(engine.detector, "detect", blocked_detect)
+    statuses: list[int] = []
+
+    def post() -> None:
+        statuses.append(c.post("/detect", content=face_jpeg, headers=JPEG).status_code)
+
+    # one request computing (blocked), two queued behind it: the detector's queue of 2 is full
+    workers = [threading.Thread(target=post) for _ in range(3)]
+    try:
+        workers[0].start()
+        assert entered.wait(30), "the detector never started"
+        for w in workers[1:]:
+            w.start()
+        deadline = time.monotonic() + 30
+        while engine.queue_depths()["detector"] < 2:
+            assert time.monotonic() < deadline, engine.queue_depths()
+            time.sleep(0.01)
+        before = c.get("/metrics").text
+        mp_headers, mp_body = _multipart([("files", "a.jpg", face_jpeg, "image/jpeg")])
+        for route, headers, body in (("/detect", JPEG, face_jpeg), ("/predict", JPEG, face_jpeg),
+                                     ("/predict/batch", mp_headers, mp_body)):
+            t0 = time.perf_counter()
+            r = _asgi_post(c, route, {**headers, "content-length": str(len(body))}, [body])
+            elapsed = time.perf_counter() - t0
+            assert r.status == 503, (route, r.status, r.body)
+            assert json.loads(r.body)["error"]["code"] == "queue_full"
+            assert r.headers is not None and int(r.headers["retry-after"]) >= 1
+            assert r.chunks_read == 0, f"{route} read the upload before refusing it"
+            assert elapsed < 2.0, elapsed
+        after = c.get("/metrics").text
+        assert _value(after, 'fer_requests_total{method="POST",route="/detect",status="503"}') == \
+            _value(before, 'fer_requests_total{method="POST",route="/detect",status="503"}') + 1
+        assert _value(after, 'fer_errors_total{kind="detector:queue_full"}') == \
+            _value(before, 'fer_errors_total{kind="detector:queue_full"}') + 3
+        # a request that needs only the classifier's queue, which has room, is admitted
+        r = c.post("/predict", params={"detect": "false"}, content=face_jpeg, headers=JPEG)
+        assert r.status_code == 200, r.text
+    finally:
+        release.set()
+        for w in workers:
+            if w.ident is not None:
+                w.join(30)
+    assert statuses == [200, 200, 200]
+    # room again: admitted and answered
+    assert c.post("/detect", content=face_jpeg, headers=JPEG).status_code == 200
