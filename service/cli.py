@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
+#: Largest request head (request line and headers) a connection may send: h11's default, 16 KiB.
+H11_MAX_HEADER_BYTES = 16 * 1024
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fer-serve", description="Serve the FER API (settings: FER_* env)")
@@ -26,10 +29,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.prepare:
         _prepare()
         return
-    import uvicorn
+    _serve(args.host, args.port, args.workers, args.log_level)
 
-    uvicorn.run("service.main:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level)
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _serve(host: str, port: int, workers: int, log_level: str) -> None:
+    """uvicorn with the FER_TIMEOUT_* limits. SIGTERM is a clean shutdown: uvicorn finishes the
+    requests in flight (at most FER_TIMEOUT_GRACEFUL_SHUTDOWN_S), then re-raises the signal, which
+    lands in :func:`_exit_cleanly`: exit status 0, not -15."""
+    import signal
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from service.config import Settings
+
+    settings = Settings()
+    config = uvicorn.Config(
+        "service.main:create_app", factory=True, host=host, port=port, workers=workers,
+        log_level=log_level, http="service.timeouts:HeaderTimeoutH11Protocol",
+        timeout_keep_alive=settings.timeout_keep_alive_s,
+        timeout_graceful_shutdown=settings.timeout_graceful_shutdown_s,
+        h11_max_incomplete_event_size=H11_MAX_HEADER_BYTES)
+    config.fer_timeout_headers = settings.timeout_headers_s  # read by HeaderTimeoutH11Protocol
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    server = uvicorn.Server(config)
+    if workers > 1:
+        Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+    else:
+        server.run()
+    if not server.started and workers <= 1:
+        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE
 
 
 def _prepare() -> None:

@@ -87,6 +87,22 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 2**20, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_batch_images: int = Field(16, ge=1, description="images per /predict/batch request")
+    decode_pixel_budget: int = Field(
+        48_000_000, ge=1, description="FER_DECODE_PIXEL_BUDGET: pixels decoded at once across all "
+                                      "requests; a decode waits until its pixels fit (one image "
+                                      "larger than the budget runs alone)")
+    decode_reduce_margin: float = Field(
+        4.0, ge=0, description="FER_DECODE_REDUCE_MARGIN: an image whose long side is more than this "
+                               "many times detector_max_side is decoded reduced (JPEG straight to "
+                               "1/2, 1/4 or 1/8 scale), to a long side of at least that; boxes stay "
+                               "in original pixels. 0 always decodes at full size")
+
+    detection_threshold: float = Field(0.6, gt=0, lt=1)
+    min_face_size: int = Field(16, ge=0, description="pixels; smaller faces are ignored")
+    max_faces: int = Field(20, ge=1, description="most faces returned per image")
+    detector_max_side: int = Field(640, ge=64, description="long side images are shrunk to")
+    tta: bool = Field(False, description="10-crop test-time augmentation by default")
+
 
     detection_threshold: float = Field(0.6, gt=0, lt=1)
     min_face_size: int = Field(16, ge=0, description="pixels; smaller faces are ignored")
@@ -97,6 +113,18 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="require X-API-Key when set")
     cors_origins: list[str] = Field(default_factory=list)
     warmup: bool = Field(True, description="run each model once before reporting ready")
+    timeout_headers_s: float = Field(
+        10.0, gt=0, description="FER_TIMEOUT_HEADERS_S: a connection whose request headers are not "
+                                "complete this long after it opened (or after its previous response) "
+                                "is closed")
+    timeout_body_s: float = Field(
+        30.0, gt=0, description="FER_TIMEOUT_BODY_S: a request body not received in full this long "
+                                "after its headers is cut off (408 if nothing was answered yet)")
+    timeout_keep_alive_s: float = Field(5.0, gt=0, description="FER_TIMEOUT_KEEP_ALIVE_S: idle "
+                                                               "keep-alive connections close after this")
+    timeout_graceful_shutdown_s: float = Field(
+        20.0, gt=0, description="FER_TIMEOUT_GRACEFUL_SHUTDOWN_S: on SIGTERM/SIGINT, requests in flight "
+                                "get this long to finish before their connections are closed")
     web_page: bool = Field(True, description="FER_WEB_PAGE: serve the web page for people at GET / "
                                             "(photo or webcam, service/static); false: / is a 404")
 

@@ -12,8 +12,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.api import detect, frontalize, health, page, predict
 from service.config import Settings
 from service.errors import install_error_handlers
+from service.inference.decode import configure_decoding
 from service.inference.pipeline import InferenceEngine
 from service.metrics import Metrics, install_request_metrics
+from service.timeouts import BodyTimeoutMiddleware
 
 __all__ = ["create_app"]
 
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models are loaded by its lifespan, not here."""
     settings = settings or Settings()
+    # Process-wide: the pixels decoded at once, and how far large images are decoded reduced.
+    configure_decoding(pixel_budget=settings.decode_pixel_budget,
+                       reduce_min_side=round(settings.decode_reduce_margin * settings.detector_max_side))
     # The detector's batches share the histogram: its buckets must reach the larger maximum.
     metrics = Metrics(max_batch_size=max(settings.max_batch_size, settings.detector_batch_size))
 
@@ -62,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST"], allow_headers=["*"])
 
     install_request_metrics(app, metrics)
+    # Outermost: a stalled body is cut off (408, connection closed) whatever the route does.
+    app.add_middleware(BodyTimeoutMiddleware, timeout=settings.timeout_body_s)
     app.include_router(health.router)
     app.include_router(detect.router)
     app.include_router(predict.router)

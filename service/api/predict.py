@@ -19,7 +19,7 @@ from service.api.inputs import (
 from service.config import Settings
 from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
 from service.errors import ApiError
-from service.inference.decode import ImageError
+from service.inference.decode import ImageError, original_size
 from service.inference.pipeline import FrontalizeMode, InferenceEngine
 from service.metrics import note_error, note_faces
 from service.schemas import BatchItem, BatchPredictResponse, ErrorBody, ImageInfo, ModelRef, PredictResponse
@@ -60,7 +60,7 @@ async def _predict_image(
     if detect:
         note_faces(request, len(results))
     clf = engine.classifier(model)
-    h, w = image.shape[:2]
+    w, h = original_size(image)  # a large image may have been decoded reduced
     return PredictResponse(
         image=ImageInfo(width=w, height=h),
         model=ModelRef(name=model, version=clf.version, arch=clf.arch),

@@ -20,6 +20,19 @@ The checks run cheapest first, so hostile input is refused before any pixel is d
    400 ``corrupt_image``;
 8. the EXIF orientation is applied, then the mode is converted to RGB.
 
+Memory (see :func:`configure_decoding`, set from ``FER_DECODE_*`` by the app):
+
+- a process-wide :class:`PixelBudget` bounds the pixels being decoded at once across all
+  requests: a decode waits until its pixels fit (an image larger than the whole budget runs
+  alone);
+- an image whose long side exceeds ``reduce_min_side`` is decoded reduced, never below that long
+  side: a JPEG straight to 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's ``draft``), any
+  other format by an integer box reduction before the RGB array is made. The detector shrinks it
+  further anyway, and its faces stay large enough to align from. The result is a
+  :class:`DecodedImage` that knows its original size and its scale, so the pipeline reports boxes
+  and landmarks in original-image pixels;
+- after a decode of many pixels, freed memory is handed back to the OS (``malloc_trim`` on glibc).
+
 Mode conversion: transparent images (``RGBA``, ``LA``, ``PA``, palettes or grey/RGB images with
 a ``transparency`` key) are alpha-composited onto a **white** background, so transparent pixels
 come out white rather than whatever colour happens to sit under alpha 0. 16-bit greyscale is
@@ -32,8 +45,12 @@ some other code has switched it on.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import logging
+import sys
+import threading
 from typing import ClassVar
 
 import numpy as np
@@ -42,20 +59,27 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_PIXEL_BUDGET",
     "SNIFF_CONTENT_TYPES",
     "SUPPORTED_CONTENT_TYPES",
     "SUPPORTED_FORMATS",
     "CorruptImageError",
+    "DecodedImage",
     "EmptyImageError",
     "ImageError",
     "NotAnImageError",
     "PayloadTooLargeError",
+    "PixelBudget",
     "TooManyPixelsError",
     "TruncatedImageError",
     "UnsupportedMediaTypeError",
     "check_content_type",
+    "configure_decoding",
     "decode_image",
     "encode_png",
+    "image_scale",
+    "original_size",
+    "release_memory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +89,9 @@ DEFAULT_MAX_BYTES = 10 * 2**20
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """Default pixel limit (about 7300 x 5500); an RGB array of this size is 120 MB."""
+
+DEFAULT_PIXEL_BUDGET = 48_000_000
+"""Default budget of pixels decoded at once across all requests (one maximal image fits)."""
 
 SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
 """Pillow format names that are decoded; anything else Pillow recognises is a 415."""
@@ -147,6 +174,115 @@ class TooManyPixelsError(ImageError):
     code = "too_many_pixels"
 
 
+class PixelBudget:
+    """A counting semaphore weighted by pixels, shared by every thread that decodes.
+
+    ``acquire(n)`` waits (FIFO) until ``n`` more pixels fit in ``capacity``; a request for more
+    than the whole capacity waits until nothing else is held and then runs alone. Decoding runs
+    in worker threads, so this is a :mod:`threading` primitive.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"pixel budget must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self.in_use = 0
+        self._cond = threading.Condition()
+        self._queue: list[object] = []
+
+    def acquire(self, pixels: int, timeout: float | None = None) -> bool:
+        """Take ``pixels`` of the budget; ``False`` if ``timeout`` seconds passed first."""
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                ok = self._cond.wait_for(lambda: self._queue[0] is ticket and self._fits(pixels), timeout)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+            if ok:
+                self.in_use += pixels
+            return ok
+
+    def release(self, pixels: int) -> None:
+        with self._cond:
+            self.in_use -= pixels
+            self._cond.notify_all()
+
+    def _fits(self, pixels: int) -> bool:
+        return self.in_use == 0 or self.in_use + pixels <= self.capacity
+
+
+class DecodedImage(np.ndarray):
+    """An RGB array decoded at a reduced size, that knows the image it stands for.
+
+    ``original_size`` is the full image's ``(width, height)`` (after EXIF orientation) and
+    ``scale`` the ``(sx, sy)`` factors from this array's pixels to the original's. Views and
+    copies of it are plain arrays: only :func:`decode_image` makes one.
+    """
+
+    original_size: tuple[int, int]
+    scale: tuple[float, float]
+
+    def __array_finalize__(self, obj: object) -> None:
+        # A view or a result computed from this array is not the decoded image: unscaled.
+        self.original_size = (self.shape[1], self.shape[0]) if self.ndim >= 2 else (0, 0)
+        self.scale = (1.0, 1.0)
+
+
+def original_size(image: np.ndarray) -> tuple[int, int]:
+    """``(width, height)`` of the uploaded image that ``image`` was decoded from."""
+    if type(image) is DecodedImage:
+        return image.original_size
+    return image.shape[1], image.shape[0]
+
+
+def image_scale(image: np.ndarray) -> tuple[float, float]:
+    """``(sx, sy)``: original-image pixels per pixel of ``image`` (1, 1 unless decoded reduced)."""
+    return image.scale if type(image) is DecodedImage else (1.0, 1.0)
+
+
+_budget = PixelBudget(DEFAULT_PIXEL_BUDGET)
+_reduce_min_side: int | None = None
+_TRIM_AFTER_PIXELS = 4_000_000  # hand memory back after decodes at least this large
+_libc_trim = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc_trim = _libc.malloc_trim
+        _libc_trim.argtypes = [ctypes.c_size_t]
+        _libc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        _libc_trim = None
+
+
+def configure_decoding(*, pixel_budget: int | None = None, reduce_min_side: int | None = None) -> None:
+    """Set the process-wide decode limits (the app calls it from its settings).
+
+    Args:
+        pixel_budget: Pixels decoded at once across all threads; ``None`` keeps the current one.
+        reduce_min_side: Decode images whose long side is larger than this reduced, to a long
+            side of at least this; ``None`` or 0 decodes at full size.
+    """
+    global _budget, _reduce_min_side
+    if pixel_budget is not None and pixel_budget != _budget.capacity:
+        _budget = PixelBudget(pixel_budget)
+    _reduce_min_side = reduce_min_side or None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    if _libc_trim is not None:
+        _libc_trim(0)
+
+
+def _reduction(width: int, height: int, min_side: int | None) -> int:
+    """Integer factor to reduce by so that the long side stays at least ``min_side``."""
+    if not min_side:
+        return 1
+    return max(1, max(width, height) // min_side)
+
+
 def _media_type(content_type: str | None) -> str:
     """``"Image/PNG; charset=x"`` -> ``"image/png"``; ``None`` -> ``""``."""
     if not content_type:
@@ -211,6 +347,51 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     elif mode != "RGB":
         image = image.convert("RGB")
     return np.ascontiguousarray(np.array(image, dtype=np.uint8))
+
+
+def _load_rgb(image: Image.Image, fmt: str, width: int, height: int, size: int,
+              max_pixels: int) -> tuple[np.ndarray, int | None]:
+    """Decode the pixels, apply the EXIF orientation, reduce by an integer factor while the long
+    side stays at least :data:`_reduce_min_side`, and convert to RGB. Also returns the EXIF
+    orientation that was applied (``None``: none)."""
+    try:
+        image.load()
+    except MemoryError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(width, height, max_pixels, str(exc)) from exc
+    except Exception as exc:
+        logger.debug("Pillow failed to decode %s upload", fmt, exc_info=True)
+        if _is_truncation(exc):
+            raise TruncatedImageError(
+                f"{fmt} image ({width}x{height}, {size} bytes) is truncated: {exc}"
+            ) from exc
+        raise CorruptImageError(
+            f"{fmt} image ({width}x{height}, {size} bytes) is corrupt: {exc}"
+        ) from exc
+
+    orientation = None
+    try:
+        orientation = image.getexif().get(0x0112)
+        ImageOps.exif_transpose(image, in_place=True)
+    except MemoryError:
+        raise
+    except Exception:
+        # A malformed EXIF block should not cost the user their request: keep the pixels as stored.
+        orientation = None
+        logger.warning("ignoring unreadable EXIF orientation in %s upload", fmt, exc_info=True)
+
+    factor = _reduction(*image.size, _reduce_min_side)
+    if factor > 1 and image.mode not in ("P", "1"):  # palettes cannot be averaged
+        image = image.reduce(factor)
+    try:
+        array = _to_rgb(image)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        logger.debug("converting %s mode %s to RGB failed", fmt, image.mode, exc_info=True)
+        raise NotAnImageError(f"{fmt} image in mode {image.mode} cannot be converted to RGB") from exc
+    return array, orientation
 
 
 def decode_image(
@@ -283,38 +464,29 @@ def decode_image(
             logger.info("rejected %s of %dx%d pixels (limit %d)", fmt, width, height, max_pixels)
             raise _bomb_error(width, height, max_pixels)
 
+        factor = _reduction(width, height, _reduce_min_side)
+        if factor > 1 and fmt == "JPEG":
+            # libjpeg decodes straight to 1/2, 1/4 or 1/8 scale, no smaller than asked.
+            image.draft("RGB", (-(-width // factor), -(-height // factor)))
+        decoded_w, decoded_h = image.size
+        pixels = decoded_w * decoded_h
+        budget = _budget
+        budget.acquire(pixels)
         try:
-            image.load()
-        except MemoryError:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise _bomb_error(width, height, max_pixels, str(exc)) from exc
-        except Exception as exc:
-            logger.debug("Pillow failed to decode %s upload", fmt, exc_info=True)
-            if _is_truncation(exc):
-                raise TruncatedImageError(
-                    f"{fmt} image ({width}x{height}, {size} bytes) is truncated: {exc}"
-                ) from exc
-            raise CorruptImageError(
-                f"{fmt} image ({width}x{height}, {size} bytes) is corrupt: {exc}"
-            ) from exc
+            array, orientation = _load_rgb(image, fmt, width, height, size, max_pixels)
+        finally:
+            budget.release(pixels)
+            if pixels >= _TRIM_AFTER_PIXELS:
+                release_memory()
 
-        try:
-            ImageOps.exif_transpose(image, in_place=True)
-        except MemoryError:
-            raise
-        except Exception:
-            # A malformed EXIF block should not cost the user their request: keep the pixels as stored.
-            logger.warning("ignoring unreadable EXIF orientation in %s upload", fmt, exc_info=True)
-
-        try:
-            array = _to_rgb(image)
-        except MemoryError:
-            raise
-        except Exception as exc:
-            logger.debug("converting %s mode %s to RGB failed", fmt, image.mode, exc_info=True)
-            raise NotAnImageError(f"{fmt} image in mode {image.mode} cannot be converted to RGB") from exc
-
+    full = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    if (array.shape[1], array.shape[0]) != full:
+        reduced = array.view(DecodedImage)
+        reduced.original_size = full
+        reduced.scale = (full[0] / array.shape[1], full[1] / array.shape[0])
+        logger.debug("decoded %s %dx%d reduced to %dx%d (%d bytes)", fmt, full[0], full[1],
+                     array.shape[1], array.shape[0], size)
+        return reduced
     logger.debug("decoded %s %dx%d (%d bytes)", fmt, array.shape[1], array.shape[0], size)
     return array
 

@@ -24,6 +24,7 @@ from service.config import Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
 from service.inference.catalog import classifier_specs, frontalizer_path
 from service.inference.classifier import Classifier, FaceJob
+from service.inference.decode import image_scale, original_size
 from service.inference.frontalizer import FrontalizerModel
 
 __all__ = [
@@ -48,6 +49,15 @@ def face_yaw(face: Detection) -> float | None:
         return None
     yaw = float(estimate_yaw(np.asarray(face.landmarks, dtype=np.float64)))
     return None if np.isnan(yaw) else round(yaw, 1)
+
+
+def _rescale(face: Detection, sx: float, sy: float) -> Detection:
+    """``face`` with its box and landmarks multiplied by ``(sx, sy)``."""
+    if sx == 1.0 and sy == 1.0:
+        return face
+    x1, y1, x2, y2 = face.box
+    return Detection(box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy), score=face.score,
+                     landmarks=[(x * sx, y * sy) for x, y in face.landmarks])
 
 
 class FrontalizerUnavailableError(RuntimeError):
@@ -155,8 +165,17 @@ class InferenceEngine:
             raise UnknownModelError(name) from None
 
     async def detect(self, image: np.ndarray, *, max_faces: int | None = None) -> list[Detection]:
-        """Faces in an RGB uint8 image, best first, at most ``max_faces``."""
-        faces: list[Detection] = await self._batchers["detector"].submit(image)
+        """Faces in an RGB uint8 image, best first, at most ``max_faces``.
+
+        Boxes and landmarks are in the original image's pixels, also when ``image`` is a
+        :class:`~service.inference.decode.DecodedImage` decoded at a reduced size.
+        """
+        sx, sy = image_scale(image)
+        return [_rescale(f, sx, sy) for f in await self._detect_local(image, max_faces=max_faces)]
+
+    async def _detect_local(self, image: np.ndarray, *, max_faces: int | None) -> list[Detection]:
+        """Like :meth:`detect`, in the pixels of ``image`` itself (reduced, if it was decoded so)."""
+        faces: list[Detection] = await self._batchers["detector"].submit(np.asarray(image))
         limit = min(max_faces or self.settings.max_faces, self.settings.max_faces)
         return faces[:limit]
 
@@ -168,12 +187,15 @@ class InferenceEngine:
         return await self._batchers[model].submit_many([FaceJob(c, tta) for c in crops])
 
     async def frontalize(self, image: np.ndarray, faces: list[Detection]) -> list[np.ndarray]:
-        """Frontal uint8 faces (the frontaliser's size) for detected ``faces`` of ``image``."""
+        """Frontal uint8 faces (the frontaliser's size) for detected ``faces`` of ``image`` (in
+        original-image pixels, as :meth:`detect` returns them)."""
         if self.frontalizer is None:
             raise FrontalizerUnavailableError(
                 "no frontaliser is loaded; set FER_FRONTALIZER_CHECKPOINT to a trained checkpoint")
         size = self.frontalizer.size
-        crops = [align_pose_face(image, np.asarray(f.landmarks), size=size) for f in faces]
+        sx, sy = image_scale(image)  # faces are in original pixels; align in the image's own
+        crops = [align_pose_face(np.asarray(image), np.asarray(_rescale(f, 1 / sx, 1 / sy).landmarks),
+                                 size=size) for f in faces]
         if not crops:
             return []
         return await self._batchers["frontalizer"].submit_many(crops)
@@ -200,15 +222,18 @@ class InferenceEngine:
         """
         clf = self.classifier(model)
         size = clf.cfg.image_size
+        sx, sy = image_scale(image)
+        pixels = np.asarray(image)  # a reduced decode is aligned from in its own pixels
         if not detect:
-            h, w = image.shape[:2]
+            w, h = original_size(image)
             face = Detection(box=(0.0, 0.0, float(w), float(h)), score=1.0, landmarks=[])
-            (probs,) = await self.classify([resize_face(image, size=size)], model=model, tta=tta)
+            (probs,) = await self.classify([resize_face(pixels, size=size)], model=model, tta=tta)
             return [FaceResult(face, probs)]
-        faces = await self.detect(image, max_faces=max_faces)
+        local = await self._detect_local(pixels, max_faces=max_faces)
+        faces = [_rescale(f, sx, sy) for f in local]
         yaws = [face_yaw(f) for f in faces]
         frontal = [self._wants_frontal(frontalize, y) for y in yaws]
-        crops = [align_face(image, np.asarray(f.landmarks), size=size) for f in faces]
+        crops = [align_face(pixels, np.asarray(f.landmarks), size=size) for f in local]
         chosen = [i for i, want in enumerate(frontal) if want]
         if chosen:
             frontal_faces = await self.frontalize(image, [faces[i] for i in chosen])

@@ -1,0 +1,73 @@
+"""Issue 17 item 7: slow clients are cut off (headers, body), and SIGTERM is a clean exit 0
+within the graceful-shutdown limit. Against a real ``fer-serve`` on a loopback port."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.service.browser.support import run_server
+
+pytestmark = pytest.mark.e2e
+
+
+def _connect(origin: str) -> socket.socket:
+    url = urlsplit(origin)
+    sock = socket.create_connection((url.hostname, url.port), timeout=10)
+    return sock
+
+
+def _read_until_closed(sock: socket.socket, limit_s: float = 10) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    start, data = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data, time.monotonic() - start
+
+
+def _half_body(sock: socket.socket) -> None:
+    sock.sendall(b"POST /detect HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                 b"Content-Length: 10000\r\n\r\n" + b"\xff" * 5000)
+
+
+def test_stalled_clients_are_cut_off_and_sigterm_exits_0(tmp_path: Path, detector_weights: Path) -> None:
+    with run_server(tmp_path, detector_weights, FER_USE_SHIPPED_EXTRAS="false", FER_WARMUP="false",
+                    FER_TIMEOUT_BODY_S="2", FER_TIMEOUT_HEADERS_S="2",
+                    FER_TIMEOUT_GRACEFUL_SHUTDOWN_S="4") as server:
+        # half a body, then nothing: a 408 and a closed connection after the body timeout
+        with _connect(server.origin) as body_client:
+            _half_body(body_client)
+            answer, took = _read_until_closed(body_client)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"request_timeout" in answer
+        assert 1.5 <= took <= 6, took
+
+        # half the headers, then nothing: closed after the headers timeout
+        with _connect(server.origin) as header_client:
+            header_client.sendall(b"POST /detect HTTP/1.1\r\nHost: test\r\n")
+            answer, took = _read_until_closed(header_client)
+        assert answer == b""
+        assert 1.5 <= took <= 6, took
+
+        # SIGTERM while a client stalls mid-body: exit status 0, within the graceful limit
+        with _connect(server.origin) as stalled:
+            _half_body(stalled)
+            time.sleep(0.3)
+            start = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            code = server.process.wait(timeout=15)
+            took = time.monotonic() - start
+        assert code == 0, server.tail()
+        assert took <= 4 + 3, took
