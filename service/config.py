@@ -103,12 +103,21 @@ class Settings(BaseSettings):
     detector_max_side: int = Field(640, ge=64, description="long side images are shrunk to")
     tta: bool = Field(False, description="10-crop test-time augmentation by default")
 
-
-    detection_threshold: float = Field(0.6, gt=0, lt=1)
-    min_face_size: int = Field(16, ge=0, description="pixels; smaller faces are ignored")
-    max_faces: int = Field(20, ge=1, description="most faces returned per image")
-    detector_max_side: int = Field(640, ge=64, description="long side images are shrunk to")
-    tta: bool = Field(False, description="10-crop test-time augmentation by default")
+    video_max_bytes: int = Field(100 * 2**20, ge=1024, description="FER_VIDEO_MAX_BYTES: largest upload "
+                                                                  "POST /predict/video takes (413 past it)")
+    video_max_seconds: float = Field(
+        300.0, gt=0, description="FER_VIDEO_MAX_SECONDS: longest video POST /predict/video takes (413)")
+    video_max_frames: int = Field(
+        1500, ge=1, description="FER_VIDEO_MAX_FRAMES: most sampled frames per video (duration x fps; "
+                                "413 past it)")
+    video_max_fps: float = Field(30.0, gt=0, description="FER_VIDEO_MAX_FPS: highest fps= a client may ask")
+    video_smoothing_s: float = Field(
+        0.5, ge=0, description="FER_VIDEO_SMOOTHING_S: time constant of the per-track exponential moving "
+                               "average of the probabilities; 0 turns smoothing off")
+    video_track_min_iou: float = Field(0.3, gt=0, le=1, description="FER_VIDEO_TRACK_MIN_IOU: a face "
+                                                                   "continues a track above this IoU")
+    video_track_max_missed: int = Field(
+        5, ge=0, description="FER_VIDEO_TRACK_MAX_MISSED: sampled frames a track survives unseen")
 
     api_key: SecretStr | None = Field(None, description="require X-API-Key when set")
     cors_origins: list[str] = Field(default_factory=list)

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import detect, frontalize, health, page, predict
+from service.api import detect, frontalize, health, page, predict, video
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.inference.decode import configure_decoding
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(detect.router)
     app.include_router(predict.router)
+    app.include_router(video.router)
     app.include_router(frontalize.router)
     if settings.web_page:
         app.include_router(page.router)
