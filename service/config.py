@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     timeout_body_s: float = Field(
         30.0, gt=0, description="FER_TIMEOUT_BODY_S: a request body not received in full this long "
                                 "after its headers is cut off (408 if nothing was answered yet)")
+    timeout_video_body_s: float = Field(
+        600.0, gt=0, description="FER_TIMEOUT_VIDEO_BODY_S: the body timeout of POST /predict/video, "
+                                 "whose uploads may be up to FER_VIDEO_MAX_BYTES")
     timeout_keep_alive_s: float = Field(5.0, gt=0, description="FER_TIMEOUT_KEEP_ALIVE_S: idle "
                                                                "keep-alive connections close after this")
     timeout_graceful_shutdown_s: float = Field(

@@ -68,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_request_metrics(app, metrics)
     # Outermost: a stalled body is cut off (408, connection closed) whatever the route does.
-    app.add_middleware(BodyTimeoutMiddleware, timeout=settings.timeout_body_s)
+    app.add_middleware(BodyTimeoutMiddleware, timeout=settings.timeout_body_s,
+                       path_timeouts={"/predict/video": settings.timeout_video_body_s})
     app.include_router(health.router)
     app.include_router(detect.router)
     app.include_router(predict.router)

@@ -79,18 +79,23 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
 
 class BodyTimeoutMiddleware:
-    """Cut off an HTTP request whose body is not complete ``timeout`` seconds after its headers."""
+    """Cut off an HTTP request whose body is not complete ``timeout`` seconds after its headers.
 
-    def __init__(self, app: Any, *, timeout: float) -> None:
+    ``path_timeouts`` gives routes with larger bodies (video uploads) their own limit.
+    """
+
+    def __init__(self, app: Any, *, timeout: float, path_timeouts: dict[str, float] | None = None) -> None:
         self.app = app
         self.timeout = timeout
+        self.path_timeouts = dict(path_timeouts or {})
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        timeout = self.path_timeouts.get(scope.get("path", ""), self.timeout)
+        deadline = loop.time() + timeout
         state = {"body_done": False, "timed_out": False, "started": False}
 
         async def timed_receive() -> Message:
@@ -102,7 +107,7 @@ class BodyTimeoutMiddleware:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 state["timed_out"] = True
-                await self._reject(scope, send, started=state["started"])
+                await self._reject(scope, send, started=state["started"], timeout=timeout)
                 return {"type": "http.disconnect"}
             if message["type"] != "http.request" or not message.get("more_body", False):
                 state["body_done"] = True
@@ -117,14 +122,13 @@ class BodyTimeoutMiddleware:
 
         await self.app(scope, timed_receive, guarded_send)
 
-    async def _reject(self, scope: Scope, send: Any, *, started: bool) -> None:
+    async def _reject(self, scope: Scope, send: Any, *, started: bool, timeout: float) -> None:
         client = scope.get("client")
-        log.info("request body from %s not complete within %.1f s: cut off",
-                 _peer(client), self.timeout)
+        log.info("request body from %s not complete within %.1f s: cut off", _peer(client), timeout)
         if started:
             return  # too late for a 408; the app stops on the disconnect
         body = json.dumps({"error": {"code": "request_timeout", "message":
-                           f"the request body did not arrive within {self.timeout:g} s"}}).encode()
+                           f"the request body did not arrive within {timeout:g} s"}}).encode()
         await send({"type": "http.response.start", "status": 408,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),

@@ -71,3 +71,36 @@ def test_stalled_clients_are_cut_off_and_sigterm_exits_0(tmp_path: Path, detecto
             took = time.monotonic() - start
         assert code == 0, server.tail()
         assert took <= 4 + 3, took
+
+
+def test_a_path_can_have_its_own_body_timeout() -> None:
+    """Video uploads get a longer body deadline than the default one (pure ASGI, no server)."""
+    import asyncio
+
+    from service.timeouts import BodyTimeoutMiddleware
+
+    async def app(scope, receive, send) -> None:  # reads the whole body, then answers 200
+        while (await receive()).get("more_body", False):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def upload(path: str) -> int:
+        async def slow_receive():  # one chunk every 0.1 s, 5 chunks: 0.5 s in all
+            nonlocal left
+            await asyncio.sleep(0.1)
+            left -= 1
+            return {"type": "http.request", "body": b"x", "more_body": left > 0}
+
+        left, statuses = 5, []
+
+        async def send(message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        middleware = BodyTimeoutMiddleware(app, timeout=0.25, path_timeouts={"/predict/video": 5.0})
+        await middleware({"type": "http", "path": path, "client": ("127.0.0.1", 1)}, slow_receive, send)
+        return statuses[0]
+
+    assert asyncio.run(upload("/predict")) == 408
+    assert asyncio.run(upload("/predict/video")) == 200
