@@ -39,26 +39,30 @@ from service.inference.decode import (
     decode_image,
 )
 
-__all__ = ["IMAGE_REQUEST_BODY", "Upload", "decode_upload", "ensure_client_connected", "read_uploads"]
+__all__ = ["IMAGE_REQUEST_BODY", "Upload", "decode_upload", "ensure_client_connected", "read_uploads",
+           "upload_request_body"]
+
+def upload_request_body(media_types: tuple[str, ...], *,
+                        json_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` for an upload: multipart ``file``, a raw body of one of
+    ``media_types``, and optionally a JSON body of ``json_schema``."""
+    binary = {"type": "string", "format": "binary"}
+    content: dict[str, Any] = {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": binary}}},
+        **{t: {"schema": dict(binary)} for t in media_types},
+    }
+    if json_schema is not None:
+        content["application/json"] = {"schema": json_schema}
+    return {"requestBody": {"required": True, "content": content}}
+
 
 #: OpenAPI description of the three accepted request bodies.
-IMAGE_REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}}}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/webp": {"schema": {"type": "string", "format": "binary"}},
-            "image/bmp": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": {
-                "type": "object", "required": ["image"],
-                "properties": {"image": {"type": "string", "description": "base64 bytes or data URL"}}}},
-        },
-    }
-}
+IMAGE_REQUEST_BODY: dict[str, Any] = upload_request_body(
+    ("image/jpeg", "image/png", "image/webp", "image/bmp"),
+    json_schema={"type": "object", "required": ["image"],
+                 "properties": {"image": {"type": "string", "description": "base64 bytes or data URL"}}},
+)
 
 _MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the files
 _DATA_URL_SLACK = 256  # per JSON image: quotes, separator, a "data:<type>;base64," prefix

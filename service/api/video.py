@@ -30,7 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from facemodels.face.tracking import EmaSmoother, IouTracker
-from service.api.inputs import ensure_client_connected
+from service.api.inputs import ensure_client_connected, upload_request_body
 from service.api.predict import ModelName
 from service.config import Settings
 from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
@@ -52,19 +52,8 @@ _MAGIC = (b"RIFF", b"\x1a\x45\xdf\xa3", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"
 #: ISO-BMFF / QuickTime (MP4, MOV, 3GP): an atom type at bytes 4-8.
 _ATOMS = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
 
-VIDEO_REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}}}},
-            **{t: {"schema": {"type": "string", "format": "binary"}}
-               for t in ("video/mp4", "video/webm", "video/x-msvideo", "video/quicktime",
-                         "application/octet-stream")},
-        },
-    }
-}
+VIDEO_REQUEST_BODY: dict[str, Any] = upload_request_body(
+    ("video/mp4", "video/webm", "video/x-msvideo", "video/quicktime", "application/octet-stream"))
 
 
 # --- response -------------------------------------------------------------------------------
