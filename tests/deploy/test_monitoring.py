@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -244,6 +245,13 @@ def test_pipeline_metrics_match_the_service(traffic: Stack) -> None:
     traffic.eventually('fer_queue_depth{job="fer", model="default"}', 0.0)
 
 
+def _rfc3339_seconds(stamp: str) -> float:
+    """Prometheus's nanosecond RFC 3339 time (``2026-12-02T07:56:53.708605824Z``) as epoch seconds."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    seconds = datetime.fromisoformat(whole).replace(tzinfo=timezone.utc).timestamp()
+    return seconds + float(f"0.{fraction or '0'}")
+
+
 def test_alert_rules_load_and_evaluate(traffic: Stack) -> None:
     yaml = need_module("yaml", "pip install pyyaml")
     groups = yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())["groups"]
@@ -253,8 +261,12 @@ def test_alert_rules_load_and_evaluate(traffic: Stack) -> None:
         groups = httpx.get(f"{traffic.prom}/api/v1/rules", timeout=5).json()["data"]["groups"]
         return [r for g in groups for r in g["rules"]]
 
-    traffic.wait_for("every rule evaluated", lambda: rules() and all(
-        r["health"] == "ok" and not r["lastEvaluation"].startswith("0001") for r in rules()))
+    # A rule evaluated before the first scrape sees no up{job="fer"} (FerNoTargets pending), so
+    # judge only evaluations that ran after Prometheus holds a sample of the service.
+    traffic.eventually('up{job="fer"}', 1.0)
+    scraped_at = time.time()
+    traffic.wait_for("every rule evaluated after the first scrape", lambda: rules() and all(
+        r["health"] == "ok" and _rfc3339_seconds(r["lastEvaluation"]) > scraped_at for r in rules()))
     assert {r["name"] for r in rules()} == shipped
     firing = [a for a in httpx.get(f"{traffic.prom}/api/v1/alerts", timeout=5).json()["data"]["alerts"]]
     assert not firing, f"a healthy service raised alerts: {firing}"
