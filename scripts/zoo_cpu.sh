@@ -13,6 +13,10 @@ RUNS=${FER_CACHE_DIR:-$HOME/.cache/fer-service}/runs
 DATA=${DATA:-../shared/data/fer2013}
 TEACHER=${TEACHER:-checkpoints/ensemble}
 THREADS=${THREADS:-1}
+# EPOCHS overrides a run's length, for a machine that keeps no state between working days: a
+# run must then finish inside one sitting (the "session-sized" rows in docs/results.md). Resume
+# with the same EPOCHS, since the cosine schedule depends on it.
+EPOCHS=${EPOCHS:-}
 run=${1:?usage: zoo_cpu.sh RUN (one of the names below)}
 
 common=(--data "$DATA" --batch-size 128 --half-checkpoint --no-progress --resume --threads "$THREADS"
@@ -33,4 +37,5 @@ case "$run" in
   *) echo "unknown run '$run'; see the case list in $0" >&2; exit 2 ;;
 esac
 
+[ -n "$EPOCHS" ] && args+=(--epochs "$EPOCHS")
 exec fer-train classify "${args[@]}" "${common[@]}"
