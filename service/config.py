@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         None, description="GAN frontaliser checkpoint; None uses frontalizer.safetensors beside the "
                           "classifier checkpoint if shipped",
     )
+    frontalizer_warp: bool = Field(
+        True, description="FER_FRONTALIZER_WARP: without a frontaliser checkpoint, serve the warp-only "
+                          "frontaliser (a 3D mean face, no weights; frontalize=auto never uses it); "
+                          "false: /frontalize and frontalize=on answer 501",
+    )
     use_shipped_extras: bool = Field(
         True, description="serve every classifier checkpoint (<name>.safetensors with its <name>.json "
                           "card) in the classifier checkpoint's folder as model=<name> (so a shipped "

@@ -38,6 +38,7 @@ __all__ = [
     "FaceAnchors",
     "align_pose_face",
     "anchors_from_landmarks5",
+    "frame_pose_face",
     "pose_framing_matrix",
 ]
 
@@ -83,9 +84,9 @@ def pose_framing_matrix(anchors: FaceAnchors, *, yaw: float, size: int) -> np.nd
     return np.array([[s, 0.0, tx], [0.0, s, ty]], dtype=np.float64)
 
 
-def align_pose_face(image: np.ndarray, landmarks: np.ndarray, *, size: int = 64,
-                    yaw: float | None = None, gray: bool = True) -> np.ndarray:
-    """Frame a detected face for the frontaliser (the serving-side entry point).
+def frame_pose_face(image: np.ndarray, landmarks: np.ndarray, *, size: int = 64,
+                    yaw: float | None = None, gray: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Frame a detected face for the frontaliser and map its landmarks into the crop.
 
     Args:
         image: RGB ``(H, W, 3)`` or gray ``(H, W)`` uint8.
@@ -94,9 +95,18 @@ def align_pose_face(image: np.ndarray, landmarks: np.ndarray, *, size: int = 64,
         yaw: degrees; default :func:`facemodels.face.pose.estimate_yaw` of ``landmarks``.
 
     Returns:
-        A ``size`` x ``size`` uint8 crop (grayscale when ``gray``).
+        The ``size`` x ``size`` uint8 crop (grayscale when ``gray``) and the five landmarks in
+        its pixels ``(5, 2)``, which the mesh warp fits its pose to.
     """
+    points = np.asarray(landmarks, dtype=np.float64)
     if yaw is None:
-        yaw = float(estimate_yaw(np.asarray(landmarks, dtype=np.float64)))
-    matrix = pose_framing_matrix(anchors_from_landmarks5(landmarks), yaw=yaw, size=size)
-    return warp_face(image, matrix, size=size, gray=gray)
+        yaw = float(estimate_yaw(points))
+    matrix = pose_framing_matrix(anchors_from_landmarks5(points), yaw=yaw, size=size)
+    crop = warp_face(image, matrix, size=size, gray=gray)
+    return crop, points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def align_pose_face(image: np.ndarray, landmarks: np.ndarray, *, size: int = 64,
+                    yaw: float | None = None, gray: bool = True) -> np.ndarray:
+    """The crop of :func:`frame_pose_face` alone (the serving-side entry point of the GAN)."""
+    return frame_pose_face(image, landmarks, size=size, yaw=yaw, gray=gray)[0]

@@ -1,4 +1,4 @@
-"""POST /frontalize: every detected face re-rendered frontally by the GAN frontaliser."""
+"""POST /frontalize: every detected face re-rendered frontally (a trained frontaliser, else the warp)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ async def frontalize(
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> FrontalizeResponse | Response:
     if engine.frontalizer is None:
-        raise FrontalizerUnavailableError(
-            "no frontaliser is loaded; set FER_FRONTALIZER_CHECKPOINT to a trained checkpoint")
+        raise FrontalizerUnavailableError(FrontalizerUnavailableError.MESSAGE)
     admit(engine, "detector", "frontalizer")  # a full queue is a 503 before the upload is read
     (upload,) = await read_uploads(request, settings)
     image = await decode_upload(upload, settings)

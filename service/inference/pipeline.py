@@ -18,14 +18,13 @@ from facemodels.device import resolve_device
 from facemodels.face.align import align_face, resize_face
 from facemodels.face.detector import Detection, RetinaFaceDetector
 from facemodels.face.pose import estimate_yaw
-from facemodels.face.pose_framing import align_pose_face
 from facemodels.onnx_export import resolve_backend
 from service.config import Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
 from service.inference.catalog import classifier_specs, frontalizer_path
 from service.inference.classifier import Classifier, FaceJob
 from service.inference.decode import image_scale, original_size
-from service.inference.frontalizer import FrontalizerModel
+from service.inference.frontalizer import FrontalizerModel, FrontalJob, WarpFrontalizerModel
 
 __all__ = [
     "FaceResult",
@@ -61,7 +60,10 @@ def _rescale(face: Detection, sx: float, sy: float) -> Detection:
 
 
 class FrontalizerUnavailableError(RuntimeError):
-    """Frontalising was asked for but no frontaliser checkpoint is loaded."""
+    """Frontalising was asked for but the server runs without a frontaliser."""
+
+    MESSAGE = ("this server runs without a frontaliser (FER_FRONTALIZER_WARP=false and no "
+               "FER_FRONTALIZER_CHECKPOINT)")
 
 
 class FrontalizeMode(StrEnum):
@@ -91,7 +93,7 @@ class InferenceEngine:
         self.threads = settings.torch_threads  # set by start(): torch's intra-op threads
         self.detector: RetinaFaceDetector | None = None
         self.classifiers: dict[str, Classifier] = {}
-        self.frontalizer: FrontalizerModel | None = None
+        self.frontalizer: FrontalizerModel | WarpFrontalizerModel | None = None
         self._batchers: dict[str, DynamicBatcher] = {}
         self.ready = False
 
@@ -142,6 +144,8 @@ class InferenceEngine:
         frontalizer = frontalizer_path(s)
         if frontalizer is not None:
             self.frontalizer = FrontalizerModel(frontalizer, device=self.device)
+        elif s.frontalizer_warp:
+            self.frontalizer = WarpFrontalizerModel()
 
     async def _warmup(self) -> None:
         blank = np.full((240, 320, 3), 127, dtype=np.uint8)
@@ -150,8 +154,7 @@ class InferenceEngine:
             crop = np.full((clf.cfg.image_size,) * 2, 127, dtype=np.uint8)
             await self._batchers[name].submit_many([FaceJob(crop), FaceJob(crop, tta=True)])
         if self.frontalizer is not None:
-            size = self.frontalizer.size
-            await self._batchers["frontalizer"].submit(np.full((size, size), 127, dtype=np.uint8))
+            await self._batchers["frontalizer"].submit(FrontalJob.blank(self.frontalizer.size))
 
     # model calls -------------------------------------------------------------------------
     def _detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
@@ -190,15 +193,15 @@ class InferenceEngine:
         """Frontal uint8 faces (the frontaliser's size) for detected ``faces`` of ``image`` (in
         original-image pixels, as :meth:`detect` returns them)."""
         if self.frontalizer is None:
-            raise FrontalizerUnavailableError(
-                "no frontaliser is loaded; set FER_FRONTALIZER_CHECKPOINT to a trained checkpoint")
+            raise FrontalizerUnavailableError(FrontalizerUnavailableError.MESSAGE)
         size = self.frontalizer.size
-        sx, sy = image_scale(image)  # faces are in original pixels; align in the image's own
-        crops = [align_pose_face(np.asarray(image), np.asarray(_rescale(f, 1 / sx, 1 / sy).landmarks),
-                                 size=size) for f in faces]
-        if not crops:
+        sx, sy = image_scale(image)  # faces are in original pixels; frame in the image's own
+        pixels = np.asarray(image)
+        jobs = [FrontalJob.frame(pixels, np.asarray(_rescale(f, 1 / sx, 1 / sy).landmarks), size=size)
+                for f in faces]
+        if not jobs:
             return []
-        return await self._batchers["frontalizer"].submit_many(crops)
+        return await self._batchers["frontalizer"].submit_many(jobs)
 
     def _wants_frontal(self, mode: FrontalizeMode, yaw: float | None) -> bool:
         if mode is FrontalizeMode.OFF or yaw is None:
@@ -206,7 +209,7 @@ class InferenceEngine:
         if self.frontalizer is None:
             if mode is FrontalizeMode.ON:
                 raise FrontalizerUnavailableError(
-                    "frontalize=on needs a frontaliser; set FER_FRONTALIZER_CHECKPOINT")
+                    f"frontalize=on needs a frontaliser: {FrontalizerUnavailableError.MESSAGE}")
             return False
         if mode is FrontalizeMode.ON:
             return True

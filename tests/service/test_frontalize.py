@@ -105,13 +105,34 @@ def test_auto_only_where_the_card_says_it_helps(make_settings, tmp_path: Path,
     assert json.loads(ckpt.with_suffix(".json").read_text())["arch"] == "frontalizer"
 
 
-def test_without_a_frontalizer(client: TestClient, face_jpeg: bytes) -> None:
+def test_without_a_frontalizer(make_settings, face_jpeg: bytes) -> None:
+    with TestClient(create_app(make_settings(frontalizer_warp=False))) as client:
+        r = client.post("/frontalize", content=face_jpeg, headers=JPEG)
+        assert r.status_code == 501 and r.json()["error"]["code"] == "frontalizer_not_loaded"
+        assert "FER_FRONTALIZER_WARP" in r.json()["error"]["message"]
+        r = client.post("/predict?frontalize=on", content=face_jpeg, headers=JPEG)
+        assert r.status_code == 501
+        (face,) = client.post("/predict", content=face_jpeg, headers=JPEG).json()["faces"]
+        assert face["frontalized"] is False and isinstance(face["yaw"], float)
+
+
+def test_warp_only_out_of_the_box(client: TestClient, face_jpeg: bytes) -> None:
+    """With no checkpoint the warp-only frontaliser answers, through its batcher and metrics."""
     r = client.post("/frontalize", content=face_jpeg, headers=JPEG)
-    assert r.status_code == 501 and r.json()["error"]["code"] == "frontalizer_not_loaded"
-    r = client.post("/predict?frontalize=on", content=face_jpeg, headers=JPEG)
-    assert r.status_code == 501
-    (face,) = client.post("/predict", content=face_jpeg, headers=JPEG).json()["faces"]
-    assert face["frontalized"] is False and isinstance(face["yaw"], float)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["arch"] == "mesh_warp" and len(body["faces"]) == 1
+    face = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["faces"][0]["image_png"]))))
+    assert face.shape == (64, 64) and face.dtype == np.uint8
+    assert face.std() > 10  # a real face, not a flat fill
+    # auto never picks the warp (its evaluation found it lowers accuracy); on uses it
+    (auto,) = client.post("/predict", content=face_jpeg, headers=JPEG).json()["faces"]
+    (on,) = client.post("/predict?frontalize=on", content=face_jpeg, headers=JPEG).json()["faces"]
+    assert auto["frontalized"] is False and on["frontalized"] is True
+    models = client.get("/models").json()
+    assert any(m.get("arch") == "mesh_warp" for m in models["models"]), models
+    metrics = client.get("/metrics").text
+    assert 'fer_batch_size_count{model="frontalizer"}' in metrics
 
 
 def test_yaw_sign_follows_the_nose(client: TestClient, face_jpeg: bytes) -> None:
