@@ -16,6 +16,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
     from training.evaluate import ensemble_main, eval_main, get_ensemble_parser, get_eval_parser
     from training.export import export_main, get_export_parser
     from training.gan import evaluate as gan_eval
+    from training.gan import refiner_train
     from training.gan import train as gan_train
     from training.quantize import get_quantize_parser, quantize_main
     from training.train_classifier import get_args_parser
@@ -30,6 +31,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
         "quantize": (get_quantize_parser, quantize_main),
         "frontalizer": (gan_train.get_args_parser, gan_train.main),
         "eval-frontalizer": (gan_eval.get_args_parser, gan_eval.main),
+        "refiner": (refiner_train.get_args_parser, refiner_train.main),
     }
 
 

@@ -40,11 +40,13 @@ __all__ = [
     "FaceMesh",
     "FrontalRaster",
     "MeshWarp",
+    "WarpFields",
     "WarpOutput",
     "WeakPerspectivePose",
     "fit_pose",
     "load_face_mesh",
     "rasterize_frontal",
+    "sample_input",
     "template_y_scale",
 ]
 
@@ -65,10 +67,51 @@ class WarpOutput:
     visibility: Tensor  # float (N, S, S): v_own
 
 
+@dataclass(frozen=True)
+class WarpFields:
+    """Everything :meth:`MeshWarp.warp` needs per face besides the image (:meth:`MeshWarp.fields`).
+
+    Exposed so that a learned refiner (:mod:`facemodels.frontalizer.refiner`) can nudge the
+    sampling grids and re-sample the *input* rather than the warped output.
+    """
+
+    pose: WeakPerspectivePose
+    grid: Tensor  # float32 (N, 3S, S, 2): input pixel (x, y) per output pixel: own, mirror, background rows
+    own_weight: Tensor  # float (N, S, S): w, the share of the own sample inside the mask (1 outside)
+    visibility: Tensor  # float (N, S, S): v_own
+    factor: np.ndarray  # int (N,): the input is area-shrunk by this before sampling
+
+    def __len__(self) -> int:
+        return len(self.factor)
+
+
 def _normalised(grid: Tensor, h: int, w: int) -> Tensor:
     """Pixel-centre coordinates ``(x, y)`` -> ``grid_sample``'s [-1, 1] (``align_corners=False``)."""
-    scale = torch.tensor([2.0 / w, 2.0 / h], dtype=grid.dtype)
+    scale = torch.tensor([2.0 / w, 2.0 / h], dtype=grid.dtype, device=grid.device)
     return (grid + 0.5) * scale - 1.0
+
+
+def sample_input(src: Tensor, grid: Tensor, factor: np.ndarray) -> Tensor:
+    """Bilinear samples of float images ``src`` ``(N, C, H, W)`` at input pixels ``grid``
+    ``(N, R, S, 2)`` -> ``(N, C, R, S)``; a face with ``factor`` k > 1 is area-shrunk by k first
+    (like :func:`facemodels.face.align.warp_face`). Differentiable in ``src`` and ``grid``."""
+    factor = np.asarray(factor)
+    groups = np.unique(factor)
+    outs, order = [], []
+    for k in groups:
+        rows = np.nonzero(factor == k)[0]
+        pick = torch.from_numpy(rows)
+        img, g = (src, grid) if len(groups) == 1 else (src[pick], grid[pick])
+        if k > 1:
+            img = F.avg_pool2d(img, int(k), ceil_mode=True)
+            g = (g + 0.5) / int(k) - 0.5
+        outs.append(F.grid_sample(img, _normalised(g, img.shape[2], img.shape[3]), mode="bilinear",
+                                  padding_mode="border", align_corners=False))
+        order.append(rows)
+    if len(outs) == 1:
+        return outs[0]
+    inverse = torch.from_numpy(np.argsort(np.concatenate(order)))
+    return torch.cat(outs)[inverse]
 
 
 class MeshWarp:
@@ -125,6 +168,30 @@ class MeshWarp:
         background = plane.project(flat).reshape(len(pose), s, s, 2)
         return own, mirror, background
 
+    def fields(self, landmarks: np.ndarray, *, yaw: np.ndarray | None = None) -> WarpFields:
+        """Pose, sampling grids and mirror weights for faces with these ``(N, 5, 2)`` landmarks."""
+        pose = self.fit(landmarks, yaw=yaw)
+        own, mirror, background = self.grids(pose)
+        vis = self.visibility(pose.yaw)
+        vis_m = self.visibility(-pose.yaw)  # the mirror point at yaw = the own point at -yaw
+        weight = 1.0 - (1.0 - vis) * vis_m
+        weight = np.where(self.raster.mask, weight, 1.0).astype(np.float32)
+        grid = torch.from_numpy(np.concatenate([own, mirror, background], 1).astype(np.float32))
+        # shrink heavily downscaled faces first (area averaging), like facemodels.face.align.warp_face
+        factor = np.maximum(1, np.floor(pose.scale / self.raster.scale)).astype(int)
+        return WarpFields(pose=pose, grid=grid, own_weight=torch.from_numpy(weight),
+                          visibility=torch.from_numpy(vis), factor=factor)
+
+    def blend(self, samples: Tensor, own_weight: Tensor) -> Tensor:
+        """Samples ``(N, C, 3S, S)`` (own, mirror, background rows) -> the warped faces ``(N, C, S, S)``:
+        own and mirror mixed by ``own_weight`` inside the feathered face mask, background outside."""
+        s = self.size
+        own_px, mirror_px, bg_px = samples[:, :, :s], samples[:, :, s:2 * s], samples[:, :, 2 * s:]
+        wt = own_weight[:, None]
+        alpha = torch.from_numpy(self.raster.alpha).to(samples.device)[None, None]
+        face = wt * own_px + (1 - wt) * mirror_px
+        return alpha * face + (1 - alpha) * bg_px
+
     def warp(self, images: np.ndarray | Tensor, landmarks: np.ndarray,
              *, yaw: np.ndarray | None = None) -> WarpOutput:
         """Frontalise and report the pose and the mirror weights (see :meth:`frontalize`)."""
@@ -144,35 +211,14 @@ class MeshWarp:
             return WarpOutput(faces=torch.empty((0, s, s) if gray else (0, s, s, ch), dtype=torch.uint8),
                               pose=WeakPerspectivePose(z, z, z, np.zeros((0, 2)), z),
                               own_weight=torch.empty(0, s, s), visibility=torch.empty(0, s, s))
-        pose = self.fit(lm, yaw=yaw)
-        own, mirror, background = self.grids(pose)
-        vis = self.visibility(pose.yaw)
-        vis_m = self.visibility(-pose.yaw)  # the mirror point at yaw = the own point at -yaw
-        weight = 1.0 - (1.0 - vis) * vis_m
-        weight = np.where(self.raster.mask, weight, 1.0).astype(np.float32)
-        grid = torch.from_numpy(np.concatenate([own, mirror, background], 1).astype(np.float32))
-        src = x.permute(0, 3, 1, 2).float()
-        # shrink heavily downscaled faces first (area averaging), like facemodels.face.align.warp_face
-        factor = np.maximum(1, np.floor(pose.scale / self.raster.scale)).astype(int)
-        out = torch.empty(n, ch, 3 * s, s)
-        for k in np.unique(factor):
-            idx = torch.from_numpy(np.nonzero(factor == k)[0])
-            img, g = src[idx], grid[idx]
-            if k > 1:
-                img = F.avg_pool2d(img, int(k), ceil_mode=True)
-                g = (g + 0.5) / int(k) - 0.5
-            out[idx] = F.grid_sample(img, _normalised(g, img.shape[2], img.shape[3]), mode="bilinear",
-                                     padding_mode="border", align_corners=False)
-        own_px, mirror_px, bg_px = out[:, :, :s], out[:, :, s:2 * s], out[:, :, 2 * s:]
-        wt = torch.from_numpy(weight)[:, None]
-        alpha = torch.from_numpy(self.raster.alpha)[None, None]
-        face = wt * own_px + (1 - wt) * mirror_px
-        result = (alpha * face + (1 - alpha) * bg_px).round().clamp(0, 255).to(torch.uint8)
+        fields = self.fields(lm, yaw=yaw)
+        out = sample_input(x.permute(0, 3, 1, 2).float(), fields.grid, fields.factor)
+        result = self.blend(out, fields.own_weight).round().clamp(0, 255).to(torch.uint8)
         result = result.permute(0, 2, 3, 1)
         if gray:
             result = result[..., 0]
-        return WarpOutput(faces=result.contiguous(), pose=pose, own_weight=torch.from_numpy(weight),
-                          visibility=torch.from_numpy(vis))
+        return WarpOutput(faces=result.contiguous(), pose=fields.pose, own_weight=fields.own_weight,
+                          visibility=fields.visibility)
 
     def frontalize(self, images: np.ndarray | Tensor, landmarks: np.ndarray) -> np.ndarray | Tensor:
         """uint8 faces ``(N, H, W)`` + their five landmarks ``(N, 5, 2)`` -> uint8 ``(N, S, S)``.

@@ -67,5 +67,5 @@ def create_model(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> nn.Modu
 
 def _import_zoo() -> None:
     """Import the architecture modules so their builders register themselves."""
-    from facemodels.frontalizer import model  # noqa: F401
+    from facemodels.frontalizer import model, refiner  # noqa: F401
     from facemodels.models import cnn, compact, ensemble, resnet, vgg  # noqa: F401
