@@ -1,6 +1,6 @@
 """The learned refiner on top of the warp-only frontaliser, and the warp -> refine pipeline.
 
-Issue #12, section 2. :class:`~facemodels.frontalizer.warp.MeshWarp` frontalises with a 3D mean
+:class:`~facemodels.frontalizer.warp.MeshWarp` frontalises with a 3D mean
 face; its errors are the mean shape's (a nose too narrow, a jaw too wide) and what it cannot see
 (the hidden half, filled from the mirror). :class:`FrontalRefiner` is a small U-Net
 (:class:`RefinerNet`, about 0.5 M parameters at the default width) that reads

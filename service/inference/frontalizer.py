@@ -1,14 +1,15 @@
 """The frontalisers as service models: pose-framed crops and their landmarks in, frontal faces out.
 
-* :class:`FrontalizerModel`: a trained checkpoint (``FER_FRONTALIZER_CHECKPOINT``, or a shipped
+* :class:`FrontalizerModel`: a trained DR-GAN checkpoint (``FER_FRONTALIZER_CHECKPOINT``, or a shipped
   ``frontalizer.safetensors``). Its card says where frontalising helped expression accuracy
   (``metrics["FER2013-PublicTest"]["frontalize_helps"]``: |yaw| ranges as numbers, see
   :class:`~facemodels.frontalizer.yaw.YawRange`), and ``frontalize=auto`` only frontalises faces
   whose |yaw| falls in one of them.
-* :class:`WarpFrontalizerModel`: the warp-only frontaliser (a 3D mean face fitted to the five
-  landmarks, :class:`~facemodels.frontalizer.warp.MeshWarp`), which needs no weights, so
-  ``/frontalize`` works out of the box. Its evaluation (docs/frontalizer.md) found it lowers
-  expression accuracy, so ``frontalize=auto`` never picks it.
+* :class:`WarpFrontalizerModel`: the mesh warp (a 3D mean face fitted to the five landmarks,
+  :class:`~facemodels.frontalizer.warp.MeshWarp`), alone or refined by a ``frontal_refiner``
+  checkpoint (:mod:`facemodels.frontalizer.refiner`). Alone it needs no weights, so
+  ``/frontalize`` works out of the box; its evaluation (docs/frontalizer.md) found it lowers
+  expression accuracy, so ``frontalize=auto`` never picks warp-only.
 
 Both take :class:`FrontalJob` batches through the same dynamic batcher.
 """
@@ -24,14 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from facemodels.checkpoint import CheckpointError, card_path, code_version, load_checkpoint
+from facemodels.checkpoint import CheckpointError, card_path, code_version, load_card, load_checkpoint
 from facemodels.face.align import template_for
 from facemodels.face.pose_framing import frame_pose_face
 from facemodels.frontalizer.model import frontalize_faces
+from facemodels.frontalizer.refiner import REFINER_ARCH, FrontalRefiner, load_refiner
+from facemodels.frontalizer.refiner import frontalize as refine_frontalize
 from facemodels.frontalizer.warp import DEFAULT_SIZE, MeshWarp
 from facemodels.frontalizer.yaw import YawRange
 
-__all__ = ["FrontalJob", "FrontalizerModel", "WarpFrontalizerModel"]
+__all__ = ["FrontalJob", "FrontalizerModel", "WarpFrontalizerModel", "load_frontalizer"]
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +67,7 @@ class FrontalizerModel:
         self.model, self.card = load_checkpoint(path, device=device)
         self.model.requires_grad_(False)
         self.size: int = self.model.cfg.image_size
-        helps = self.card.get("metrics", {}).get("FER2013-PublicTest", {}).get("frontalize_helps", [])
-        try:
-            self.helpful_yaw: list[YawRange] = [YawRange.from_json(r) for r in helps]
-        except ValueError as e:
-            raise CheckpointError(
-                f"checkpoint card {card_path(path)}: bad frontalize_helps: {e}; cards written before "
-                "yaw ranges became numbers are rewritten by `fer-train eval-frontalizer CHECKPOINT "
-                "--update-card`") from e
+        self.helpful_yaw: list[YawRange] = _helpful_yaw(self.card, self.path)
         log.info("loaded frontalizer from %s (%dx%d); auto frontalises |yaw| in %s", path,
                  self.size, self.size, [r.label for r in self.helpful_yaw] or "no bin")
 
@@ -99,38 +95,71 @@ def _mesh_warp(size: int) -> MeshWarp:
     return MeshWarp(size)
 
 
+def _helpful_yaw(card: dict[str, Any], path: Path) -> list[YawRange]:
+    helps = card.get("metrics", {}).get("FER2013-PublicTest", {}).get("frontalize_helps", [])
+    try:
+        return [YawRange.from_json(r) for r in helps]
+    except ValueError as e:
+        raise CheckpointError(
+            f"checkpoint card {card_path(path)}: bad frontalize_helps: {e}; cards written before "
+            "yaw ranges became numbers are rewritten by `fer-train eval-frontalizer CHECKPOINT "
+            "--update-card`") from e
+
+
 class WarpFrontalizerModel:
-    """The warp-only frontaliser: no weights, the mesh ships with :mod:`facemodels.frontalizer`."""
+    """The mesh-warp frontaliser, alone (no weights) or with a trained refiner checkpoint.
 
-    ARCH = "mesh_warp"
+    Warp-only needs nothing beyond the mesh that ships with :mod:`facemodels.frontalizer`; its
+    evaluation found it lowers expression accuracy, so ``frontalize=auto`` never picks it. A
+    refiner's card says where it helps, as a GAN checkpoint's does.
+    """
 
-    def __init__(self, size: int = DEFAULT_SIZE) -> None:
-        self.size = int(size)
+    def __init__(self, refiner_path: Path | None = None, *, device: torch.device | None = None) -> None:
+        self.path = refiner_path
+        self.refiner: FrontalRefiner | None = None
+        if refiner_path is None:
+            self.size = DEFAULT_SIZE
+            self.card: dict[str, Any] = {
+                "arch": "mesh_warp", "code_version": code_version(), "image_size": self.size,
+                "description": "3D mean-face warp fitted to the five landmarks, hidden pixels from "
+                               "the mirrored side (Hassner et al. 2015); no learned weights",
+                "frontalize_auto": "never: warp-only lowered FER2013 PublicTest accuracy "
+                                   "(docs/frontalizer.md)",
+            }
+            self.helpful_yaw: list[YawRange] = []
+        else:
+            self.refiner = load_refiner(str(refiner_path), device=device or torch.device("cpu"))
+            self.refiner.requires_grad_(False)
+            self.card = load_card(refiner_path)
+            self.size = self.refiner.cfg.image_size
+            self.helpful_yaw = _helpful_yaw(self.card, refiner_path)
         self.warp = _mesh_warp(self.size)
-        self.card: dict[str, Any] = {
-            "arch": self.ARCH, "code_version": code_version(), "image_size": self.size,
-            "description": "3D mean-face warp fitted to the five landmarks, hidden pixels from the "
-                           "mirrored side (Hassner et al. 2015); no learned weights",
-            "frontalize_auto": "never: warp-only lowered FER2013 PublicTest accuracy (docs/frontalizer.md)",
-        }
-        self.helpful_yaw: list[YawRange] = []
-        log.info("warp-only frontalizer (%dx%d, no checkpoint); auto frontalises no face", self.size,
-                 self.size)
+        log.info("frontalizer: mesh warp%s (%dx%d); auto frontalises |yaw| in %s",
+                 f" + refiner {refiner_path}" if refiner_path else " only, no checkpoint", self.size,
+                 self.size, [r.label for r in self.helpful_yaw] or "no bin")
 
     @property
     def version(self) -> str:
-        return str(self.card["code_version"])
+        return str(self.card.get("code_version", "unknown"))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": "frontalizer", "role": "frontalizer", "arch": self.ARCH, "version": self.version,
-                "device": "cpu", "card": self.card}
+        device = next(self.refiner.parameters()).device if self.refiner is not None else "cpu"
+        return {"name": "frontalizer", "role": "frontalizer", "arch": str(self.card["arch"]),
+                "version": self.version, "device": str(device), "card": self.card}
 
     def helps_at(self, yaw: float) -> bool:
-        """Never: the evaluation found no |yaw| range where the warp alone helps expressions."""
-        return False
+        """Whether the card's evaluation found frontalising helps at this |yaw| (never for warp-only)."""
+        return any(r.contains(yaw) for r in self.helpful_yaw)
 
     def __call__(self, jobs: list[FrontalJob]) -> list[np.ndarray]:
         """Frontal faces (uint8, ``size`` square) for framed faces (batcher worker thread)."""
         crops = np.stack([j.crop for j in jobs])
         landmarks = np.stack([j.landmarks for j in jobs])
-        return list(self.warp.frontalize(crops, landmarks))
+        return list(refine_frontalize(crops, landmarks, self.refiner, warp=self.warp))
+
+
+def load_frontalizer(path: Path, *, device: torch.device) -> FrontalizerModel | WarpFrontalizerModel:
+    """The service model for a frontaliser checkpoint: a warp refiner or a DR-GAN, by its card."""
+    if load_card(path).get("arch") == REFINER_ARCH:
+        return WarpFrontalizerModel(path, device=device)
+    return FrontalizerModel(path, device=device)

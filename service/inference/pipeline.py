@@ -24,7 +24,12 @@ from service.inference.batcher import BatchObserver, DynamicBatcher
 from service.inference.catalog import classifier_specs, frontalizer_path
 from service.inference.classifier import Classifier, FaceJob
 from service.inference.decode import image_scale, original_size
-from service.inference.frontalizer import FrontalizerModel, FrontalJob, WarpFrontalizerModel
+from service.inference.frontalizer import (
+    FrontalizerModel,
+    FrontalJob,
+    WarpFrontalizerModel,
+    load_frontalizer,
+)
 
 __all__ = [
     "FaceResult",
@@ -143,7 +148,7 @@ class InferenceEngine:
                                                      device=self.device, int8=s.int8, **runtime)
         frontalizer = frontalizer_path(s)
         if frontalizer is not None:
-            self.frontalizer = FrontalizerModel(frontalizer, device=self.device)
+            self.frontalizer = load_frontalizer(frontalizer, device=self.device)
         elif s.frontalizer_warp:
             self.frontalizer = WarpFrontalizerModel()
 

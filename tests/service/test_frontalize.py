@@ -143,3 +143,29 @@ def test_yaw_sign_follows_the_nose(client: TestClient, face_jpeg: bytes) -> None
     a = client.post("/detect", content=face_jpeg, headers=JPEG).json()["faces"][0]["yaw"]
     b = client.post("/detect", content=buf.getvalue(), headers={"content-type": "image/png"}).json()
     assert b["faces"][0]["yaw"] == pytest.approx(-a, abs=2.0)
+
+
+def _png_faces(response) -> list[np.ndarray]:
+    assert response.status_code == 200, response.text
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(f["image_png"]))))
+            for f in response.json()["faces"]]
+
+
+def test_a_refiner_checkpoint_is_served_on_the_warp(make_settings, client: TestClient, face_jpeg: bytes,
+                                                    tmp_path: Path) -> None:
+    """A fresh refiner reproduces warp-only, so the served faces equal the warp's; the card's
+    yaw ranges steer frontalize=auto as a GAN card's do."""
+    from facemodels.frontalizer.refiner import REFINER_ARCH, frontal_refiner
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "refiner", frontal_refiner(width=8), arch=REFINER_ARCH,
+                           model_kwargs={"width": 8}, metrics={"FER2013-PublicTest": {
+                               "frontalize_helps": [YawRange(0).to_json()]}})
+    warp_only = _png_faces(client.post("/frontalize", content=face_jpeg, headers=JPEG))
+    with TestClient(create_app(make_settings(frontalizer_checkpoint=ckpt, frontalize_min_yaw=0))) as c:
+        r = c.post("/frontalize", content=face_jpeg, headers=JPEG)
+        assert r.json()["model"]["arch"] == REFINER_ARCH
+        (refined,) = _png_faces(r)
+        (face,) = c.post("/predict", content=face_jpeg, headers=JPEG).json()["faces"]
+        assert face["frontalized"] is True  # auto: the card says it helps at every |yaw|
+    assert np.abs(refined.astype(int) - warp_only[0].astype(int)).max() <= 1
