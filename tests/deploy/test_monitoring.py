@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -248,7 +248,7 @@ def test_pipeline_metrics_match_the_service(traffic: Stack) -> None:
 def _rfc3339_seconds(stamp: str) -> float:
     """Prometheus's nanosecond RFC 3339 time (``2026-12-02T07:56:53.708605824Z``) as epoch seconds."""
     whole, _, fraction = stamp.rstrip("Z").partition(".")
-    seconds = datetime.fromisoformat(whole).replace(tzinfo=timezone.utc).timestamp()
+    seconds = datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp()
     return seconds + float(f"0.{fraction or '0'}")
 
 
