@@ -80,9 +80,14 @@ class Settings(BaseSettings):
                             "graph's note names the checkpoint's weights by SHA-256, else from the "
                             "float32 graph; off always serves float32. The torch backend ignores it",
     )
-    torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of torch and of each ONNX Runtime "
-                                                    "session; 0 = torch's default (one per core, or "
-                                                    "OMP_NUM_THREADS)")
+    torch_threads: int = Field(
+        0, ge=0, description="FER_TORCH_THREADS: intra-op CPU threads of torch and of ONNX Runtime, per "
+                             "model. 0 = half the cores the process may use (its affinity mask), at "
+                             "least 1 and at most 8: 1 on 2 cores, 2 on 4, 4 on 8. Half, because under "
+                             "load the detector and the classifier run at once and the event loop needs "
+                             "CPU too; more threads shorten one request on an idle machine but "
+                             "oversubscribe the cores under concurrent load (docs/results.md: HTTP path and "
+                             "intra-op threads)")
 
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="timer starts at the first queued item")
@@ -124,7 +129,28 @@ class Settings(BaseSettings):
     video_track_max_missed: int = Field(
         5, ge=0, description="FER_VIDEO_TRACK_MAX_MISSED: sampled frames a track survives unseen")
 
-    api_key: SecretStr | None = Field(None, description="require X-API-Key when set")
+    stream_max_frame_bytes: int = Field(
+        2 * 2**20, ge=1024, description="FER_STREAM_MAX_FRAME_BYTES: largest JPEG frame a WS /stream binary "
+                                        "message may carry (the stream closes with 1009 past it)")
+    stream_max_streams: int = Field(
+        8, ge=1, description="FER_STREAM_MAX_STREAMS: WS /stream connections open at once per process "
+                             "(one more is closed with 1013, try again later)")
+    stream_idle_s: float = Field(
+        30.0, gt=0, description="FER_STREAM_IDLE_S: a WS /stream that sends no frame this long is closed "
+                                "with 4408")
+
+    api_key: SecretStr | None = Field(
+        None, description="FER_API_KEY: when set, every route needs it in the X-API-Key header (never "
+                          "the query string, which access logs record): the API, GET /models, /docs, "
+                          "/redoc and /openapi.json. Open by choice: /healthz and /readyz (container "
+                          "probes carry no key), the web page and its files (they hold no data; the "
+                          "page sends the key it is given) and the docs' script and style files, and "
+                          "/metrics while metrics_public is true")
+    metrics_public: bool = Field(
+        True, description="FER_METRICS_PUBLIC: true leaves GET /metrics open with FER_API_KEY set, so "
+                          "Prometheus scrapes it without a key (the metrics hold counts, latencies and "
+                          "model names, no request data); false makes /metrics need X-API-Key too "
+                          "(then give the scraper the header)")
     cors_origins: list[str] = Field(default_factory=list)
     warmup: bool = Field(True, description="run each model once before reporting ready")
     timeout_headers_s: float = Field(
@@ -148,7 +174,12 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _queue_holds_an_image(self) -> Settings:
         if self.max_queue < self.max_faces:
-            raise ValueError(f"max_queue ({self.max_queue}) must be at least max_faces ({self.max_faces})")
+            raise ValueError(
+                f"FER_MAX_QUEUE ({self.max_queue}) is smaller than FER_MAX_FACES ({self.max_faces}): all "
+                "the faces found in one image enter a classifier's queue together, so each queue must "
+                "hold FER_MAX_FACES faces or an image with that many faces could never be classified. "
+                f"Set FER_MAX_QUEUE to {self.max_faces} or more, or FER_MAX_FACES to {self.max_queue} "
+                "or less")
         return self
 
     @field_validator("models")

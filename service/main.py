@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import detect, frontalize, health, page, predict, video
+from service.api import detect, docs, frontalize, health, models, page, predict, stream, video
+from service.api.responses import error_responses
 from service.config import Settings
+from service.deps import require_api_key
 from service.errors import install_error_handlers
 from service.inference.decode import configure_decoding
 from service.inference.pipeline import InferenceEngine
@@ -57,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "seven-class emotion probabilities per face.",
         version=_version(),
         lifespan=lifespan,
+        # served by service.api.docs instead: assets from here, and behind the API key
+        openapi_url=None, docs_url=None, redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -70,14 +75,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: a stalled body is cut off (408, connection closed) whatever the route does.
     app.add_middleware(BodyTimeoutMiddleware, timeout=settings.timeout_body_s,
                        path_timeouts={"/predict/video": settings.timeout_video_body_s})
+    # With FER_API_KEY set, X-API-Key is needed everywhere but on the routes left open by choice:
+    # the probes (/healthz, /readyz: Docker and Kubernetes probes send no key), the web page and
+    # its files and the docs' bundles (no data in them), and /metrics while FER_METRICS_PUBLIC.
+    keyed = _key_guard(settings)
     app.include_router(health.router)
-    app.include_router(detect.router)
-    app.include_router(predict.router)
-    app.include_router(video.router)
-    app.include_router(frontalize.router)
+    app.include_router(health.metrics_router, **({} if settings.metrics_public else keyed))
+    app.include_router(models.router, **keyed)
+    app.include_router(detect.router, **keyed)
+    app.include_router(predict.router, **keyed)
+    app.include_router(video.router, **keyed)
+    app.include_router(frontalize.router, **keyed)
+    app.include_router(stream.router)  # WS /stream checks the key itself (header or subprotocol)
+    app.include_router(docs.router, **keyed)
+    app.include_router(docs.assets_router)
     if settings.web_page:
         app.include_router(page.router)
     return app
+
+
+def _key_guard(settings: Settings) -> dict[str, Any]:
+    """``include_router`` arguments that make a router's routes need ``X-API-Key`` (and say so in
+    OpenAPI: the ``ApiKey`` security scheme and a 401), or none when no key is configured."""
+    if settings.api_key is None:
+        return {}
+    return {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
 
 
 def _version() -> str:

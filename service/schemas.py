@@ -10,14 +10,18 @@ __all__ = [
     "BatchItem",
     "BatchPredictResponse",
     "DetectResponse",
+    "ErrorBody",
+    "ErrorResponse",
     "FaceDetection",
     "FacePrediction",
     "FrontalFace",
     "FrontalizeResponse",
+    "HealthResponse",
     "ImageInfo",
     "ModelInfo",
     "ModelsResponse",
     "PredictResponse",
+    "ReadyResponse",
 ]
 
 
@@ -32,8 +36,6 @@ class FaceDetection(BaseModel):
     landmarks: list[list[float]] = Field(
         ..., description="5 (x, y) points: image-left eye, image-right eye, nose, "
                          "image-left mouth corner, image-right mouth corner")
-
-
     yaw: float | None = Field(
         None, description="estimated head yaw in degrees from the landmarks (+ = nose towards the "
                           "image's right); null without landmarks")
@@ -74,8 +76,14 @@ class PredictResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    code: str = Field(..., description="machine-readable kind, e.g. not_an_image, queue_full")
+    message: str = Field(..., description="what went wrong, for people")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorBody
 
 
 class BatchItem(BaseModel):
@@ -102,3 +110,14 @@ class ModelInfo(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: str = Field("ok", description="always ok: the process answers")
+
+
+class ReadyResponse(BaseModel):
+    status: str = Field("ready", description="always ready (until then the answer is a 503)")
+    models: list[str] = Field(..., description="the loaded classifiers, the names model= takes")
+    device: str
+    backend: str = Field(..., description="torch (PyTorch) or onnx (ONNX Runtime on the CPU)")

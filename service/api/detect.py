@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from service.api.faces import detection_out
 from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, ensure_client_connected, read_uploads
-from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
+from service.api.responses import UPLOAD_ERRORS, error_responses
+from service.deps import ReadyEngineDep, SettingsDep, admit
 from service.inference.decode import original_size
 from service.metrics import note_faces
 from service.schemas import DetectResponse, ImageInfo
 
-router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["faces"])
 
 
 @router.post("/detect", response_model=DetectResponse, openapi_extra=IMAGE_REQUEST_BODY,
-             summary="Detect faces")
+             responses=error_responses(*UPLOAD_ERRORS), summary="Detect faces")
 async def detect(
     request: Request, engine: ReadyEngineDep, settings: SettingsDep,
     max_faces: Annotated[int | None, Query(ge=1, le=1000)] = None,

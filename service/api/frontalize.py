@@ -6,22 +6,25 @@ import asyncio
 import base64
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from service.api.faces import detection_out
 from service.api.inputs import IMAGE_REQUEST_BODY, decode_upload, ensure_client_connected, read_uploads
-from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
+from service.api.responses import UPLOAD_ERRORS, error_responses
+from service.deps import ReadyEngineDep, SettingsDep, admit
 from service.errors import ApiError
 from service.inference.decode import encode_png, original_size
 from service.inference.pipeline import FrontalizerUnavailableError
 from service.metrics import note_faces
 from service.schemas import FrontalFace, FrontalizeResponse, ImageInfo, ModelRef
 
-router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["faces"])
 
 
 @router.post("/frontalize", response_model=FrontalizeResponse, openapi_extra=IMAGE_REQUEST_BODY,
-             responses={200: {"content": {"image/png": {}}}},
+             responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                              "description": "JSON, or with format=png the one face's PNG"},
+                        **error_responses(*UPLOAD_ERRORS, 501)},
              summary="Frontalised face crops (JSON with base64 PNGs, or ?format=png for one face)")
 async def frontalize(
     request: Request, engine: ReadyEngineDep, settings: SettingsDep,

@@ -39,29 +39,63 @@ from service.inference.decode import (
     decode_image,
 )
 
-__all__ = ["IMAGE_REQUEST_BODY", "Upload", "decode_upload", "ensure_client_connected", "read_uploads",
-           "upload_request_body"]
+__all__ = ["IMAGES_REQUEST_BODY", "IMAGE_REQUEST_BODY", "Upload", "decode_upload", "ensure_client_connected",
+           "read_uploads", "upload_request_body"]
 
-def upload_request_body(media_types: tuple[str, ...], *,
+_BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
+#: One file part named ``file``: what every single-upload route's multipart body holds.
+_ONE_FILE: dict[str, Any] = {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}
+
+
+def upload_request_body(media_types: tuple[str, ...], *, multipart_schema: dict[str, Any] | None = None,
                         json_schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """OpenAPI ``requestBody`` for an upload: multipart ``file``, a raw body of one of
-    ``media_types``, and optionally a JSON body of ``json_schema``."""
-    binary = {"type": "string", "format": "binary"}
+    """OpenAPI ``requestBody`` for an upload: multipart (one ``file`` part unless
+    ``multipart_schema`` says otherwise), a raw body of one of ``media_types``, and optionally a
+    JSON body of ``json_schema``."""
     content: dict[str, Any] = {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                           "properties": {"file": binary}}},
-        **{t: {"schema": dict(binary)} for t in media_types},
+        "multipart/form-data": {"schema": multipart_schema or _ONE_FILE},
+        **{t: {"schema": dict(_BINARY)} for t in media_types},
     }
     if json_schema is not None:
         content["application/json"] = {"schema": json_schema}
     return {"requestBody": {"required": True, "content": content}}
 
 
-#: OpenAPI description of the three accepted request bodies.
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp")
+_BASE64_IMAGE: dict[str, Any] = {
+    "type": "string", "minLength": 1,
+    "description": "the image's bytes in base64, or a data:<image type>;base64,<data> URL"}
+
+#: OpenAPI description of the three accepted request bodies of a one-image route.
 IMAGE_REQUEST_BODY: dict[str, Any] = upload_request_body(
-    ("image/jpeg", "image/png", "image/webp", "image/bmp"),
-    json_schema={"type": "object", "required": ["image"],
-                 "properties": {"image": {"type": "string", "description": "base64 bytes or data URL"}}},
+    _IMAGE_TYPES,
+    json_schema={"type": "object", "required": ["image"], "properties": {"image": _BASE64_IMAGE}},
+)
+
+#: An entry of a JSON batch. Its value is not constrained: an entry that is no usable image (not
+#: a string, empty, bad base64, another type in its data URL, undecodable) is answered in its own
+#: entry of the results, and the other images are still classified.
+_BATCH_ENTRY: dict[str, Any] = {
+    "description": _BASE64_IMAGE["description"] + "; an entry that is not (or not a usable image) "
+                   "gets its own error in the results, not the request's"}
+
+#: ``POST /predict/batch``: several ``files`` parts (or one ``file``), JSON ``images`` (or one
+#: ``image``), or one raw image. At most FER_MAX_BATCH_IMAGES images (more is a 413).
+IMAGES_REQUEST_BODY: dict[str, Any] = upload_request_body(
+    _IMAGE_TYPES,
+    multipart_schema={
+        "type": "object",
+        "properties": {"files": {"type": "array", "items": _BINARY, "minItems": 1,
+                                 "description": "one part per image, each named files"},
+                       "file": _BINARY},
+        "anyOf": [{"required": ["files"]}, {"required": ["file"]}],
+    },
+    json_schema={
+        "type": "object",
+        "properties": {"images": {"type": "array", "minItems": 1, "items": _BATCH_ENTRY},
+                       "image": {**_BATCH_ENTRY, "description": "one image, when images is absent"}},
+        "anyOf": [{"required": ["images"]}, {"required": ["image"]}],
+    },
 )
 
 _MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the files
@@ -271,8 +305,12 @@ async def read_uploads(request: Request, settings: Settings, *, many: bool = Fal
         limit = settings.max_upload_bytes * max_images
         form = await _form(request, max_files=max_images, limit=limit + _MULTIPART_SLACK, many=many)
         try:
-            parts = [p for key in ("files", "file", "image") for p in form.getlist(key)]
-            files = [p for p in parts if isinstance(p, UploadFile)]
+            parts = [(key, p) for key in ("files", "file", "image") for p in form.getlist(key)]
+            text = next((key for key, p in parts if not isinstance(p, UploadFile)), None)
+            if text is not None:  # e.g. curl -F file=photo.jpg, which sends the name, not the file
+                raise ApiError(422, "validation_error",
+                               f"multipart field {text!r} is text, not a file (curl: -F {text}=@photo.jpg)")
+            files = [p for _, p in parts]
             if not files:
                 names = "'files' or 'file'" if many else "'file'"
                 raise ApiError(422, "validation_error", f"multipart body has no {names} file field")

@@ -6,25 +6,27 @@ import asyncio
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from service.api.faces import prediction_out
 from service.api.inputs import (
     IMAGE_REQUEST_BODY,
+    IMAGES_REQUEST_BODY,
     Upload,
     decode_upload,
     ensure_client_connected,
     read_uploads,
 )
+from service.api.responses import UPLOAD_ERRORS, error_responses
 from service.config import Settings
-from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
+from service.deps import ReadyEngineDep, SettingsDep, admit
 from service.errors import ApiError
 from service.inference.decode import ImageError, original_size
 from service.inference.pipeline import FrontalizeMode, InferenceEngine
 from service.metrics import note_error, note_faces
 from service.schemas import BatchItem, BatchPredictResponse, ErrorBody, ImageInfo, ModelRef, PredictResponse
 
-router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["faces"])
 
 #: Any loaded classifier by name: a string, not an enum, since what is loaded depends on the
 #: deployment (FER_MODELS, the checkpoints beside FER_CLASSIFIER_CHECKPOINT). An unknown name is
@@ -70,6 +72,7 @@ async def _predict_image(
 
 
 @router.post("/predict", response_model=PredictResponse, openapi_extra=IMAGE_REQUEST_BODY,
+             responses=error_responses(*UPLOAD_ERRORS, 501),
              summary="Emotion probabilities for every face")
 async def predict(
     request: Request, engine: ReadyEngineDep, settings: SettingsDep,
@@ -88,7 +91,8 @@ async def predict(
                                 max_faces=max_faces, detect=detect, frontalize=frontalize)
 
 
-@router.post("/predict/batch", response_model=BatchPredictResponse,
+@router.post("/predict/batch", response_model=BatchPredictResponse, openapi_extra=IMAGES_REQUEST_BODY,
+             responses=error_responses(*UPLOAD_ERRORS, 501),
              summary="Several images in one request (multipart 'files', or JSON 'images')")
 async def predict_batch(
     request: Request, engine: ReadyEngineDep, settings: SettingsDep,

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import cv2
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
@@ -32,8 +32,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from facemodels.face.tracking import EmaSmoother, IouTracker
 from service.api.inputs import ensure_client_connected, upload_request_body
 from service.api.predict import ModelName
+from service.api.responses import UPLOAD_ERRORS, error_responses
 from service.config import Settings
-from service.deps import ReadyEngineDep, SettingsDep, admit, require_api_key
+from service.deps import ReadyEngineDep, SettingsDep, admit
 from service.errors import ApiError
 from service.inference.pipeline import FrontalizeMode, InferenceEngine
 from service.metrics import note_faces
@@ -41,7 +42,7 @@ from service.schemas import ModelRef
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["video"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["video"])
 
 _CHUNK = 1 << 20
 _MULTIPART_SLACK = 64 * 1024
@@ -327,6 +328,9 @@ def _csv(result: VideoResponse) -> str:
 
 
 @router.post("/predict/video", response_model=VideoResponse, openapi_extra=VIDEO_REQUEST_BODY,
+             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                              "description": "JSON, or with format=csv one row per frame and track"},
+                        **error_responses(*UPLOAD_ERRORS, 501)},
              summary="Emotion timelines per tracked face in a video")
 async def predict_video(
     request: Request, engine: ReadyEngineDep, settings: SettingsDep,

@@ -199,7 +199,8 @@ def _value(text: str, series: str) -> float:
 
 
 def test_models_lists_cards(client: TestClient) -> None:
-    (m,) = client.get("/models").json()["models"]
+    m, frontalizer = client.get("/models").json()["models"]
+    assert frontalizer["name"] == "frontalizer" and frontalizer["arch"] == "mesh_warp"
     assert m["name"] == "default" and m["arch"] == "compact_resnet_s"
     assert m["card"]["cfg"]["input_size"] == 44
     assert m["card"]["metrics"]["PublicTest"]["acc"] == 0.0
@@ -273,11 +274,11 @@ def test_shipped_extras_are_found_beside_a_moved_classifier(
                         classifier_checkpoint=tmp_path / "default.safetensors")
     with TestClient(create_app(settings)) as c:
         names = {m["name"] for m in c.get("/models").json()["models"]}
-        assert names == {"default", "ensemble"}
+        assert names == {"default", "ensemble", "frontalizer"}
         (tmp_path / "ensemble.safetensors").unlink()
         assert c.post("/predict?model=ensemble", content=face_jpeg, headers=JPEG).status_code == 200
     with TestClient(create_app(settings)) as c:
-        assert {m["name"] for m in c.get("/models").json()["models"]} == {"default"}
+        assert {m["name"] for m in c.get("/models").json()["models"]} == {"default", "frontalizer"}
 
 
 def test_request_metrics_count_unhandled_errors_and_bound_method_labels(make_settings) -> None:

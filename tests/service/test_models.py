@@ -140,7 +140,7 @@ def test_fer_models_serves_a_checkpoint_from_anywhere(make_settings, zoo: Path, 
     elsewhere = _classifier(tmp_path / "other_name", "compact_resnet_s", seed=2)
     settings = make_settings(models={"mine": elsewhere})  # the tiny default; no folder discovery
     with TestClient(create_app(settings)) as c:
-        assert [m["name"] for m in c.get("/models").json()["models"]] == ["default", "mine"]
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["default", "mine", "frontalizer"]
         body = c.post("/predict?model=mine", content=face_jpeg, headers=JPEG).json()
         assert body["model"] == {"name": "mine", "version": code_version(), "arch": "compact_resnet_s"}
         assert _unknown(c.post("/predict?model=compact", content=face_jpeg, headers=JPEG)).endswith(
