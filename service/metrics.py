@@ -2,7 +2,8 @@
 
 Per-request metrics are recorded by one middleware (:func:`install_request_metrics`): routes
 and error handlers only note what happened (:func:`note_faces`, :func:`note_error`) on the
-request, and the middleware turns the notes into metrics once the response is known.
+request, and the middleware turns the notes into metrics once the response is known. The
+WebSocket route ``/stream`` is no HTTP request: it records its own ``fer_stream_*`` series.
 
 A client that hangs up before its answer (:func:`note_client_disconnect`) is counted with the
 status ``499`` (nginx's "client closed request"), not as a server error: it is the client's doing.
@@ -102,6 +103,18 @@ class Metrics:
         self.gpu_memory = Gauge("fer_gpu_memory_bytes", "CUDA memory allocated by the service",
                                 ["device"], registry=r)
         self.ready = Gauge("fer_ready", "1 when the models are loaded and warmed up", registry=r)
+        # WS /stream: HTTP middleware never sees a WebSocket, so the route records these itself.
+        self.stream_frames = Counter("fer_stream_frames", "Frames answered on WS /stream (rate() = "
+                                     "answered frames/s)", registry=r)
+        self.stream_dropped = Counter("fer_stream_dropped_frames", "Frames dropped unanswered on WS "
+                                      "/stream: a newer frame arrived before the server was free",
+                                      registry=r)
+        self.streams_active = Gauge("fer_streams_active", "Open WS /stream connections", registry=r)
+        self.stream_tracks = Gauge("fer_stream_tracks_active", "Face tracks alive across the open "
+                                   "WS /stream connections", registry=r)
+        self.stream_latency = Histogram("fer_stream_frame_latency_seconds", "WS /stream: from a "
+                                        "frame's arrival to its answer", buckets=LATENCY_BUCKETS,
+                                        registry=r)
 
     # BatchObserver protocol -------------------------------------------------------------
     def on_batch(self, name: str, size: int, queue_wait_s: list[float], compute_s: float) -> None:

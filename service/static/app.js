@@ -9,7 +9,9 @@
   const JPEG_QUALITY = 0.85;
   const PHOTO_DISPLAY_SIDE = 640;    // a photo's long side on screen (capped by the layout)
   const MAX_BUSY_RETRIES = 3;        // a photo is sent again this often after a 503
-  const MATCH_IOU = 0.3;             // webcam: a face continues a track when boxes overlap this much
+  const MATCH_IOU = 0.3;             // webcam over HTTP: a face continues a track when boxes overlap this much
+  const SOCKET_OPEN_MS = 5000;       // webcam: a stream not open by then counts as one that cannot open
+  const BUSY_RECONNECT_MS = 3000;    // webcam: after "too many streams" (1013), connect again this much later
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -29,10 +31,12 @@
 
   const state = {
     apiKey: "",
+    ready: null,             // the server's /readyz answer
+    modelsLoaded: false,     // GET /models answered (with the key, where one is needed)
     frontalizer: false,      // a frontaliser is loaded: /frontalize answers
     photo: { file: null, token: 0, objectUrl: null },
-    cam: { running: false, session: 0, stream: null, tracks: [], nextTrackId: 1, frames: 0,
-           lastAnswerAt: 0, wake: null, pausedForKey: false },
+    cam: { running: false, session: 0, stream: null, socket: null, transport: null, tracks: [],
+           nextTrackId: 1, frames: 0, lastAnswerAt: 0, wake: null },
     pendingAfterKey: null,   // what to do once the user has typed an API key
   };
 
@@ -110,6 +114,10 @@
 
   function showError(box, err, extra) {
     const { lead, detail } = describe(err, extra);
+    showLines(box, lead, detail);
+  }
+
+  function showLines(box, lead, detail) {
     const strong = document.createElement("span");
     strong.textContent = lead;
     const small = document.createElement("span");
@@ -148,12 +156,8 @@
     for (;;) {
       try {
         const { data: ready } = await api("readyz");
-        const { data: models } = await api("models");
-        fillModels(models.models);
-        el.serverStatus.textContent =
-          `Ready: ${ready.models.length} model${ready.models.length === 1 ? "" : "s"} on ${ready.device}` +
-          (ready.backend ? ` (${ready.backend})` : "") +
-          (state.frontalizer ? ", frontaliser loaded" : "");
+        state.ready = ready;
+        await loadModels();
         return;
       } catch (err) {
         const wait = err.retryAfter ?? 5;
@@ -162,6 +166,25 @@
           : `${describe(err).lead}; trying again in ${Math.ceil(wait)} s…`;
         await sleep(wait * 1000);
       }
+    }
+  }
+
+  /** The model list (GET /models). A server with an API key answers it only with the key: then
+   *  the key field shows, and the list loads once a key is typed. */
+  async function loadModels() {
+    const ready = state.ready;
+    const summary = `Ready: ${ready.models.length} model${ready.models.length === 1 ? "" : "s"} on ${ready.device}` +
+      (ready.backend ? ` (${ready.backend})` : "");
+    try {
+      const { data: models } = await api("models");
+      fillModels(models.models);
+      state.modelsLoaded = true;
+      el.serverStatus.textContent = summary + (state.frontalizer ? ", frontaliser loaded" : "");
+    } catch (err) {
+      if (!(err instanceof ApiFailure) || err.status !== 401) throw err;
+      el.serverStatus.textContent = `${summary}. This server needs an API key` +
+        (state.apiKey ? ` (${err.message})` : ": type it in the API key field");
+      el.keyForm.hidden = false;
     }
   }
 
@@ -464,7 +487,34 @@
 
   // ---------------------------------------------------------------- webcam
 
+  // Frames go over the WebSocket "stream": the server follows each face from frame to frame
+  // and smooths its probabilities. Only when that socket cannot open (a proxy without
+  // WebSocket support, say) does each frame go to POST /predict, followed and smoothed here.
+
   const grab = document.createElement("canvas");
+
+  class SocketClosed extends Error {
+    constructor(code, reason) {
+      super(reason || `the stream closed (code ${code})`);
+      this.code = code;
+      this.reason = reason;
+    }
+  }
+
+  const CLOSE_LEADS = {
+    1003: "The server could not read a frame",
+    1008: "The server refused the stream",
+    1009: "A frame was too large for this server",
+    1011: "The server failed",
+    1013: "The server is busy",
+    4400: "The stream's settings were not understood",
+  };
+  const RECONNECT_CODES = new Set([1001, 1006, 1012, 1013, 4408]);  // going away, lost, busy, idle
+
+  function showClosed(err, extra = "") {
+    const lead = `${CLOSE_LEADS[err.code] || "The stream closed"}${extra}`;
+    showLines(el.camError, lead, `${err.reason || "no reason given"} (close code ${err.code})`);
+  }
 
   function setCamButton(running) {
     el.camToggle.textContent = running ? "Stop camera" : "Start camera";
@@ -498,16 +548,20 @@
       // autoplay of a muted stream is allowed; if not, frames still arrive once it plays
     }
     state.cam.running = true;
-    state.cam.tracks = [];
-    state.cam.frames = 0;
     setCamButton(true);
-    el.camStatus.textContent = "Camera on: sending frames…";
-    camLoop(++state.cam.session);
+    runCamera();
+  }
+
+  function closeSocket() {
+    const socket = state.cam.socket;
+    state.cam.socket = null;
+    if (socket && socket.readyState <= WebSocket.OPEN) socket.close(1000, "camera off");
   }
 
   function stopCamera(reason = "Camera off.") {
     state.cam.running = false;
     state.cam.session++;
+    closeSocket();
     if (state.cam.wake) state.cam.wake();
     if (state.cam.stream) for (const t of state.cam.stream.getTracks()) t.stop();
     state.cam.stream = null;
@@ -517,6 +571,168 @@
     ctx.clearRect(0, 0, el.camOverlay.width, el.camOverlay.height);
     setCamButton(false);
     el.camStatus.textContent = reason;
+  }
+
+  /** (Re)start sending the running camera's frames: over the socket when it opens, else over HTTP. */
+  async function runCamera() {
+    closeSocket();
+    const session = ++state.cam.session;
+    const live = () => state.cam.running && session === state.cam.session;
+    state.cam.tracks = [];
+    state.cam.frames = 0;
+    state.cam.lastAnswerAt = 0;
+    el.camStatus.textContent = "Camera on: connecting…";
+    let socket;
+    try {
+      socket = await openSocket();
+    } catch {
+      if (!live()) return;
+      state.cam.transport = "http";
+      el.camStatus.dataset.transport = "http";
+      el.camStatus.textContent = "Camera on: sending frames…";
+      camLoop(session);
+      return;
+    }
+    if (!live()) {
+      socket.close(1000, "camera off");
+      return;
+    }
+    state.cam.socket = socket;
+    state.cam.transport = "websocket";
+    el.camStatus.dataset.transport = "websocket";
+    el.camStatus.textContent = "Camera on: streaming frames…";
+    streamLoop(session, socket);
+  }
+
+  function toBase64Url(text) {
+    let binary = "";
+    for (const byte of new TextEncoder().encode(text)) binary += String.fromCharCode(byte);
+    return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  /** The socket once open; rejects if it cannot open. The API key travels as a subprotocol
+   *  (a browser cannot set headers on a WebSocket, and the query string ends up in logs). */
+  function openSocket() {
+    const url = new URL("stream", document.baseURI);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    for (const [k, v] of Object.entries(predictParams())) url.searchParams.set(k, v);
+    url.searchParams.set("smoothing_s", el.smooth.value);
+    const protocols = ["fer.stream"];
+    if (state.apiKey) protocols.push(`fer.key.${toBase64Url(state.apiKey)}`);
+    return new Promise((resolve, reject) => {
+      let socket;
+      try {
+        socket = new WebSocket(url, protocols);
+      } catch (e) {
+        reject(e);
+        return;
+      }
+      const timer = setTimeout(() => {
+        socket.close();
+        reject(new Error("the stream did not open in time"));
+      }, SOCKET_OPEN_MS);
+      socket.onopen = () => {
+        clearTimeout(timer);
+        socket.onclose = null;
+        resolve(socket);
+      };
+      socket.onclose = (e) => {
+        clearTimeout(timer);
+        reject(new SocketClosed(e.code, e.reason));
+      };
+    });
+  }
+
+  /** One frame at a time over the socket: the next is sent once the last answer is back, and
+   *  frames start at most fps times a second. */
+  async function streamLoop(session, socket) {
+    const live = () => state.cam.running && session === state.cam.session;
+    const link = { waiting: null, closed: null };
+    socket.onmessage = (e) => {
+      const waiting = link.waiting;
+      link.waiting = null;
+      if (waiting) waiting.resolve(e.data);
+    };
+    socket.onclose = (e) => {
+      link.closed = new SocketClosed(e.code, e.reason);
+      const waiting = link.waiting;
+      link.waiting = null;
+      if (waiting) waiting.reject(link.closed);
+      if (state.cam.wake) state.cam.wake();
+    };
+    try {
+      while (live()) {
+        if (link.closed) throw link.closed;
+        const started = performance.now();
+        let pause = 0;
+        const blob = frameReady() ? await grabFrame() : null;
+        if (blob && live()) {
+          if (link.closed) throw link.closed;
+          const answered = new Promise((resolve, reject) => { link.waiting = { resolve, reject }; });
+          const sent = performance.now();
+          socket.send(blob);
+          const answer = JSON.parse(await answered);
+          if (!live()) break;
+          if (answer.error) {
+            pause = (answer.retry_after_s ?? 2) * 1000;
+            showLines(el.camError, `The server is busy; next frame in ${Math.ceil(pause / 1000)} s`,
+                      `${answer.error.message} (${answer.error.code})`);
+          } else {
+            clearError(el.camError);
+            const tracked = answer.faces.map((f) => ({ id: f.track, box: f.box, face: f, smoothed: f.smoothed }));
+            showCamAnswer(answer.image, tracked, performance.now() - sent,
+                          answer.dropped_count ? ` · ${answer.dropped_count} dropped` : "");
+          }
+        }
+        const interval = 1000 / Number(el.fps.value);
+        await camSleep(Math.max(pause, interval - (performance.now() - started)));
+      }
+    } catch (err) {
+      if (!live()) return;
+      if (err instanceof SocketClosed) {
+        onStreamClosed(err, session);
+        return;
+      }
+      stopCamera("Camera stopped.");
+      showMessage(el.camError, `The page failed to send a frame: ${err.message || err}`);
+    } finally {
+      if (socket.readyState <= WebSocket.OPEN) socket.close(1000, "camera off");
+    }
+  }
+
+  async function onStreamClosed(err, session) {
+    if (err.code === 1008 && /API key/.test(err.reason)) {
+      showLines(el.camError, "This server needs an API key: type it in the API key field above, and the camera goes on",
+                `${err.reason} (close code ${err.code})`);
+      stopCamera("Camera paused: an API key is needed.");
+      askForKey(() => startCamera());
+      return;
+    }
+    if (!RECONNECT_CODES.has(err.code)) {
+      stopCamera("Camera stopped.");
+      showClosed(err);
+      return;
+    }
+    const wait = err.code === 1013 ? BUSY_RECONNECT_MS : 1000;
+    if (err.code !== 4408) showClosed(err, `; connecting again in ${Math.ceil(wait / 1000)} s`);
+    el.camStatus.textContent = "Camera on: connecting again…";
+    await camSleep(wait);
+    if (state.cam.running && session === state.cam.session) runCamera();
+  }
+
+  function frameReady() {
+    return !document.hidden && el.video.readyState >= 2 && el.video.videoWidth > 0;
+  }
+
+  /** The video's current picture as a JPEG, at most MAX_FRAME_SIDE on its long side. */
+  async function grabFrame() {
+    const vw = el.video.videoWidth;
+    const vh = el.video.videoHeight;
+    const scale = Math.min(1, MAX_FRAME_SIDE / Math.max(vw, vh));
+    grab.width = Math.round(vw * scale);
+    grab.height = Math.round(vh * scale);
+    grab.getContext("2d").drawImage(el.video, 0, 0, grab.width, grab.height);
+    return new Promise((resolve) => grab.toBlob(resolve, "image/jpeg", JPEG_QUALITY));
   }
 
   /** Wait ``ms``, or less when the camera is stopped meanwhile. */
@@ -532,6 +748,21 @@
     });
   }
 
+  function showCamAnswer(image, tracked, ms, extra = "") {
+    state.cam.frames++;
+    const now = performance.now();
+    const rate = state.cam.lastAnswerAt ? 1000 / (now - state.cam.lastAnswerAt) : 0;
+    state.cam.lastAnswerAt = now;
+    drawCamOverlay(image, tracked);
+    el.camFaces.replaceChildren(...tracked.map((t, i) => faceCard(i, t.face, t.smoothed, `Face ${t.id}`)));
+    const n = tracked.length;
+    const how = state.cam.transport === "websocket" ? "WebSocket" : "HTTP";
+    el.camStatus.textContent = `Frame ${state.cam.frames}: ${n === 0 ? "no face" : `${n} face${n === 1 ? "" : "s"}`}` +
+      ` · answered in ${Math.round(ms)} ms · ${rate.toFixed(1)} frames/s${extra} · ${how}`;
+  }
+
+  // ----- the fallback: one POST /predict per frame
+
   /** One request at a time: a frame is sent only after the previous answer came back, and frames
    *  start at most fps times a second (slower when the server is slower). */
   async function camLoop(session) {
@@ -539,7 +770,7 @@
     while (live()) {
       const started = performance.now();
       let pause = 0;
-      if (!document.hidden && el.video.readyState >= 2 && el.video.videoWidth > 0) {
+      if (frameReady()) {
         try {
           await sendFrame(live);
           clearError(el.camError);
@@ -571,33 +802,19 @@
   }
 
   async function sendFrame(live) {
-    const vw = el.video.videoWidth;
-    const vh = el.video.videoHeight;
-    const scale = Math.min(1, MAX_FRAME_SIDE / Math.max(vw, vh));
-    grab.width = Math.round(vw * scale);
-    grab.height = Math.round(vh * scale);
-    grab.getContext("2d").drawImage(el.video, 0, 0, grab.width, grab.height);
-    const blob = await new Promise((resolve) => grab.toBlob(resolve, "image/jpeg", JPEG_QUALITY));
+    const blob = await grabFrame();
     if (!blob || !live()) return;
     const { data, ms } = await api("predict", {
       method: "POST", body: blob, headers: { "Content-Type": "image/jpeg" }, params: predictParams() });
     if (!live()) return;
-    state.cam.frames++;
-    const now = performance.now();
-    const rate = state.cam.lastAnswerAt ? 1000 / (now - state.cam.lastAnswerAt) : 0;
-    state.cam.lastAnswerAt = now;
-    const tracked = track(data.faces);
-    drawCamOverlay(data.image, tracked);
-    el.camFaces.replaceChildren(...tracked.map((t, i) =>
-      faceCard(i, t.face, t.smoothed, `Face ${t.id}`)));
-    const n = data.faces.length;
-    el.camStatus.textContent = `Frame ${state.cam.frames}: ${n === 0 ? "no face" : `${n} face${n === 1 ? "" : "s"}`}` +
-      ` · answered in ${Math.round(ms)} ms · ${rate.toFixed(1)} frames/s`;
+    showCamAnswer(data.image, track(data.faces), ms);
   }
 
-  /** Follow faces across frames by box overlap and average each one's last N probabilities. */
+  /** Follow faces across frames by box overlap and smooth each one's probabilities with an
+   *  exponential moving average of time constant "Smoothing" seconds (what the stream does). */
   function track(faces) {
-    const keep = Number(el.smooth.value);
+    const tau = Number(el.smooth.value);
+    const now = performance.now() / 1000;
     const old = state.cam.tracks;
     const pairs = [];
     faces.forEach((f, i) => old.forEach((t) => {
@@ -613,15 +830,14 @@
       used.add(t);
     }
     const tracks = faces.map((f, i) => {
-      const t = taken.get(i) || { id: state.cam.nextTrackId++, history: [] };
-      t.box = f.box;
-      t.face = f;
-      t.history.push(f.emotions);
-      while (t.history.length > keep) t.history.shift();
-      t.smoothed = {};
-      for (const name of Object.keys(f.emotions)) {
-        t.smoothed[name] = t.history.reduce((s, h) => s + (h[name] || 0), 0) / t.history.length;
+      const t = taken.get(i) || { id: state.cam.nextTrackId++, smoothed: null, seenAt: now };
+      const weight = t.smoothed && tau > 0 ? 1 - Math.exp(-(now - t.seenAt) / tau) : 1;
+      const smoothed = {};
+      for (const [name, p] of Object.entries(f.emotions)) {
+        const before = t.smoothed ? t.smoothed[name] ?? p : p;
+        smoothed[name] = before + weight * (p - before);
       }
+      Object.assign(t, { box: f.box, face: f, smoothed, seenAt: now });
       return t;
     });
     state.cam.tracks = tracks;
@@ -678,6 +894,12 @@
   });
   el.fps.addEventListener("input", () => { el.fpsValue.textContent = el.fps.value; });
   el.smooth.addEventListener("input", () => { el.smoothValue.textContent = el.smooth.value; });
+  // The stream's settings are fixed when it opens: a change opens a new one (HTTP reads them per frame).
+  for (const control of [el.model, el.tta, el.frontalize, el.smooth]) {
+    control.addEventListener("change", () => {
+      if (state.cam.running && state.cam.transport === "websocket") runCamera();
+    });
+  }
 
   // ---------------------------------------------------------------- tabs, settings, key
 
@@ -705,7 +927,7 @@
     });
   }
 
-  // Changing a setting analyses the shown photo again with it (the webcam picks it up next frame).
+  // Changing a setting analyses the shown photo again with it (the webcam's stream reopens with it).
   for (const control of [el.model, el.tta, el.frontalize]) {
     control.addEventListener("change", () => {
       if (!el.panelPhoto.hidden && state.photo.file && !el.photoResult.hidden) analysePhoto(state.photo.file);
@@ -717,6 +939,7 @@
     state.apiKey = el.key.value.trim();
     const then = state.pendingAfterKey;
     state.pendingAfterKey = null;
+    if (state.ready && !state.modelsLoaded) loadModels().catch(() => {});  // connect() retries others
     if (then && state.apiKey) then();
   });
 

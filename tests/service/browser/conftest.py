@@ -10,6 +10,7 @@ import pytest
 
 from tests.service.browser.support import (
     FETCH_PROBE,
+    SOCKET_PROBE,
     PageProbe,
     Server,
     find_chromium,
@@ -23,10 +24,12 @@ DESKTOP = {"width": 1280, "height": 900}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, detector_weights: Path) -> Iterator[Server]:
-    """The real service with the shipped checkpoints (default and ensemble), no API key."""
+    """The real service with the shipped checkpoints (default and ensemble), no API key and no
+    frontaliser (the keyed server of test_web_page.py has one)."""
     find_chromium()  # no browser, no point starting the server
     need_playwright()
-    with run_server(tmp_path_factory.mktemp("server"), detector_weights) as s:
+    with run_server(tmp_path_factory.mktemp("server"), detector_weights,
+                    FER_FRONTALIZER_WARP="false") as s:
         yield s
 
 
@@ -59,6 +62,7 @@ class Tab:
         self.context = browser.new_context(viewport=viewport, permissions=["camera"],
                                            base_url=server.url)
         self.context.add_init_script(FETCH_PROBE)
+        self.context.add_init_script(SOCKET_PROBE)
         self.page = self.context.new_page()
         self.probe = PageProbe(origin=server.origin)
         self.probe.attach(self.context, self.page)

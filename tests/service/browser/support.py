@@ -28,6 +28,7 @@ import pytest
 __all__ = [
     "REPO",
     "REQUIRE_BROWSER",
+    "SOCKET_PROBE",
     "PageProbe",
     "Server",
     "find_chromium",
@@ -65,6 +66,42 @@ FETCH_PROBE = """
       if (isPredict) probe.inflight -= 1;
     }
   };
+})();
+"""
+
+#: Records the page's WebSockets (URLs, chosen subprotocols, closes), every frame it sends with
+#: its time, the JSON answers, and how many frames were unanswered at once, before the page's
+#: own script runs.
+SOCKET_PROBE = """
+(() => {
+  const probe = { urls: [], protocols: [], closes: [], starts: [], answers: [], sends: 0,
+                  inflight: 0, maxInflight: 0 };
+  Object.defineProperty(window, "__socketProbe", { value: probe });
+  const Real = window.WebSocket;
+  const realSend = Real.prototype.send;
+  Real.prototype.send = function (data) {
+    probe.sends += 1;
+    probe.inflight += 1;
+    probe.maxInflight = Math.max(probe.maxInflight, probe.inflight);
+    probe.starts.push(performance.now());
+    return realSend.call(this, data);
+  };
+  window.WebSocket = new Proxy(Real, {
+    construct(target, args) {
+      const socket = new target(...args);
+      probe.urls.push(String(args[0]));
+      socket.addEventListener("open", () => probe.protocols.push(socket.protocol));
+      socket.addEventListener("message", (e) => {
+        probe.inflight = Math.max(0, probe.inflight - 1);
+        if (typeof e.data === "string") probe.answers.push(JSON.parse(e.data));
+      });
+      socket.addEventListener("close", (e) => {
+        probe.inflight = 0;
+        probe.closes.push({ code: e.code, reason: e.reason });
+      });
+      return socket;
+    },
+  });
 })();
 """
 

@@ -290,23 +290,120 @@ def test_a_busy_server_is_asked_again_after_retry_after(tab) -> None:
 # --- 3. the webcam ----------------------------------------------------------------------------
 
 
-def test_webcam_frames_flow_one_at_a_time_at_a_steady_rate(tab) -> None:
-    expect = _expect()
-    page = tab.open()
-    page.get_by_role("tab", name="Webcam").click()
-    expect(page.locator("#panel-webcam")).to_be_visible()
-    page.get_by_label("Frames per second").fill("15")  # faster than the server: answers set the pace
-    page.get_by_role("button", name="Start camera").click()
-    status = page.locator("#cam-status")
-    expect(status).to_contain_text(re.compile(r"Frame ([6-9]|\d\d+): 1 face"), timeout=60_000)
+def _sockets(page) -> dict:
+    return page.evaluate("() => JSON.parse(JSON.stringify(window.__socketProbe))")
 
-    # the overlay shows the face: a box (and a label) drawn on the canvas over the video
+
+def _start_webcam(page, fps: str, *, smoothing: str | None = None) -> None:
+    page.get_by_role("tab", name="Webcam").click()
+    _expect()(page.locator("#panel-webcam")).to_be_visible()
+    page.get_by_label("Frames per second").fill(fps)
+    if smoothing is not None:
+        page.get_by_label("Smoothing").fill(smoothing)
+    page.get_by_role("button", name="Start camera").click()
+
+
+def _check_stop_stops_the_frames(page, count) -> None:
+    page.get_by_role("button", name="Stop camera").click()
+    _expect()(page.locator("#cam-status")).to_have_text("Camera off.")
+    sent = count()
+    time.sleep(1.2)
+    assert count() == sent, "frames were sent after the camera was stopped"
+
+
+def test_webcam_streams_frames_over_the_websocket(tab) -> None:
+    """The webcam view sends its frames over WS /stream, one at a time, and shows the answers:
+    the faces with the server's track ids and smoothed probabilities. No /predict request."""
+    expect = _expect()
+    answers_on_the_wire: list[dict] = []  # the server's answers, as the browser's network layer got them
+    tab.page.on("websocket", lambda ws: ws.on(
+        "framereceived", lambda payload: answers_on_the_wire.append(json.loads(payload))))
+    page = tab.open()
+    _start_webcam(page, "15", smoothing="1")  # faster than the server: answers set the pace
+    status = page.locator("#cam-status")
+    expect(status).to_contain_text(re.compile(r"Frame ([6-9]|\d\d+): 1 face .* WebSocket"), timeout=60_000)
+    assert status.get_attribute("data-transport") == "websocket"
+
+    sockets = _sockets(page)
+    (url,) = sockets["urls"]
+    parts = urlsplit(url)
+    assert parts.scheme == "ws" and parts.path == "/stream"
+    assert "model=default" in parts.query and "smoothing_s=1" in parts.query
+    assert sockets["protocols"] == ["fer.stream"]
+    answers = sockets["answers"]
+    assert len(answers) >= 6
+    assert [a["seq"] for a in answers] == list(range(len(answers)))  # every frame answered
+    assert all(a["dropped_count"] == 0 for a in answers)
+    assert all(len(a["faces"]) == 1 and a["faces"][0]["track"] == 1 for a in answers), answers[-1]
+    assert sockets["maxInflight"] == 1, f"{sockets['maxInflight']} frames were unanswered at once"
+    wire = [a["seq"] for a in answers_on_the_wire]
+    assert len(wire) >= 6 and wire == [a["seq"] for a in answers][:len(wire)]
+    assert _probe(page)["n"] == 0, "a webcam frame went to /predict"
+
+    # the overlay shows the face, and the card the server's smoothed probabilities of track 1
     overlay = page.locator("#cam-overlay")
-    assert int(overlay.get_attribute("data-faces")) >= 1
+    assert int(overlay.get_attribute("data-faces")) == 1
     assert page.evaluate(OVERLAY_PIXELS_JS) > 500
     assert overlay.bounding_box() == pytest.approx(page.locator("#cam-video").bounding_box(), abs=1)
+    page.get_by_label("Frames per second").fill("0.5")  # hold still while the card is compared
+    time.sleep(0.5)
     (card,) = _faces(page, "#cam-faces")
-    assert len(card["bars"]) == 7
+    assert card["title"].startswith("Face 1: ")
+    shown = {b["emotion"]: b["prob"] for b in card["bars"]}
+    assert any(shown == pytest.approx(a["faces"][0]["smoothed"], abs=1e-6)
+               for a in _sockets(page)["answers"][-2:]), shown
+
+    # a steady, adjustable rate: at 2 frames/s, frames start about 500 ms apart
+    page.get_by_label("Frames per second").fill("2")
+    time.sleep(2.2)  # the frame scheduled at the slower rate goes out
+    before = len(_sockets(page)["starts"])
+    time.sleep(3.2)
+    starts = _sockets(page)["starts"][before:]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(gaps) >= 3, f"frames stopped flowing: starts {starts}"
+    assert min(gaps) >= 400, f"frames were sent faster than 2 per second: gaps {gaps} ms"
+    assert max(gaps) <= 2500, f"the frames stalled: gaps {gaps} ms"
+    _screenshot(page, "web_page_webcam.png", full_page=True)
+
+    # a changed setting opens a new stream with it
+    page.get_by_label("Smoothing").fill("0")
+    expect(page.locator("#cam-status")).to_contain_text(re.compile(r"Frame \d+: 1 face"), timeout=30_000)
+    sockets = _sockets(page)
+    assert len(sockets["urls"]) == 2 and "smoothing_s=0" in sockets["urls"][1]
+    assert sockets["closes"][0]["code"] == 1000
+
+    _check_stop_stops_the_frames(page, lambda: _sockets(page)["sends"])
+    expect(page.locator("#cam-status")).to_have_text("Camera off.")
+    page.wait_for_function("() => window.__socketProbe.closes.length === 2")
+    assert _sockets(page)["maxInflight"] == 1
+    tab.probe.check()
+
+
+#: Sends the page's stream to a path with no WebSocket route: the server refuses the handshake
+#: (HTTP 403), as a proxy without WebSocket support would, so the socket cannot open.
+NO_STREAM_JS = """
+(() => {
+  const Real = window.WebSocket;
+  window.WebSocket = new Proxy(Real, {
+    construct(target, [url, protocols]) {
+      return new target(String(url).replace("/stream", "/no-stream-here"), protocols);
+    },
+  });
+})();
+"""
+
+
+def test_webcam_falls_back_to_one_request_per_frame_when_the_socket_cannot_open(tab) -> None:
+    expect = _expect()
+    tab.context.add_init_script(NO_STREAM_JS)
+    page = tab.open()
+    _start_webcam(page, "15")
+    status = page.locator("#cam-status")
+    expect(status).to_contain_text(re.compile(r"Frame ([6-9]|\d\d+): 1 face .* HTTP"), timeout=60_000)
+    assert status.get_attribute("data-transport") == "http"
+    assert _sockets(page)["sends"] == 0 and _sockets(page)["closes"][0]["code"] == 1006
+    (card,) = _faces(page, "#cam-faces")
+    assert card["title"].startswith("Face 1: ")
     assert sum(b["prob"] for b in card["bars"]) == pytest.approx(1.0, abs=1e-3)  # smoothed: still sums to 1
 
     # never two frames in flight: counted in the page (fetch) and on the network
@@ -314,18 +411,6 @@ def test_webcam_frames_flow_one_at_a_time_at_a_steady_rate(tab) -> None:
     assert probe["n"] >= 6
     assert probe["max"] == 1, f"{probe['max']} /predict requests were in flight at once"
     assert tab.probe.max_predicts_in_flight() == 1
-
-    # a steady, adjustable rate: at 2 frames/s, frames start about 500 ms apart
-    page.get_by_label("Frames per second").fill("2")
-    time.sleep(0.8)  # the frame scheduled at the old rate goes out
-    before = len(_probe(page)["starts"])
-    time.sleep(3.2)
-    starts = _probe(page)["starts"][before:]
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert len(gaps) >= 3, f"frames stopped flowing: starts {starts}"
-    assert min(gaps) >= 400, f"frames were sent faster than 2 per second: gaps {gaps} ms"
-    assert max(gaps) <= 2500, f"the frames stalled: gaps {gaps} ms"
-    _screenshot(page, "web_page_webcam.png", full_page=True)
 
     # a 503 pauses the camera's frames for Retry-After seconds
     calls: list[float] = []
@@ -344,14 +429,13 @@ def test_webcam_frames_flow_one_at_a_time_at_a_steady_rate(tab) -> None:
     assert len(calls) >= 2 and calls[1] - calls[0] >= 1.9, f"a frame was sent within Retry-After: {calls}"
     page.unroute(re.compile(r".*/predict\?.*"))
 
-    # stopping the camera stops the frames
-    page.get_by_role("button", name="Stop camera").click()
-    expect(status).to_have_text("Camera off.")
-    sent = _probe(page)["n"]
-    time.sleep(1.2)
-    assert _probe(page)["n"] == sent, "frames were sent after the camera was stopped"
+    _check_stop_stops_the_frames(page, lambda: _probe(page)["n"])
     assert _probe(page)["max"] == 1
     assert tab.probe.max_predicts_in_flight() == 1
+    # Chromium logs the refused handshake; nothing else may be logged
+    refused = [m for m in tab.probe.console_errors if "WebSocket" in m and "/no-stream-here" in m]
+    assert refused, tab.probe.console_errors
+    tab.probe.console_errors[:] = [m for m in tab.probe.console_errors if m not in refused]
     tab.probe.check(expected_http_errors=(503,))
 
 
@@ -401,11 +485,12 @@ def test_api_key_is_asked_for_and_frontalised_thumbnails_are_shown(make_tab, key
     expect = _expect()
     tab = make_tab(on=keyed_server)
     page = tab.open()
-    expect(page.locator("#api-key-form")).to_be_hidden()
-    expect(page.locator("#frontalize option[value=on]")).to_be_enabled()
-    expect(page.locator("#server-status")).to_contain_text("frontaliser loaded")
+    # GET /models needs the key: the page says so and shows the key field before anything is sent
+    expect(page.locator("#server-status")).to_contain_text(
+        "This server needs an API key: type it in the API key field")
+    expect(page.locator("#api-key-form")).to_be_visible()
 
-    page.set_input_files("#file", str(FACE))
+    page.set_input_files("#file", str(FACE))  # sent without a key: a 401, and the key is asked for
     error = page.locator("#photo-error")
     expect(error).to_contain_text("This server needs an API key", timeout=30_000)
     key = page.get_by_label("API key")
@@ -414,10 +499,13 @@ def test_api_key_is_asked_for_and_frontalised_thumbnails_are_shown(make_tab, key
     key.fill("not-the-key")
     key.press("Enter")
     expect(error).to_contain_text("missing or wrong X-API-Key header (401 unauthorized)")
+    expect(page.locator("#server-status")).to_contain_text("(missing or wrong X-API-Key header)")
     key.fill(API_KEY)
-    key.press("Enter")  # the photo is sent again with the key
+    key.press("Enter")  # the photo is sent again with the key, and the models are listed
     expect(page.locator("#photo-faces > li.face").first).to_be_visible(timeout=30_000)
     expect(error).to_be_hidden()
+    expect(page.locator("#server-status")).to_contain_text("frontaliser loaded")
+    expect(page.locator("#frontalize option[value=on]")).to_be_enabled()
     thumb = page.locator("#photo-faces .frontal-figure").first
     expect(thumb).to_be_visible(timeout=30_000)
     (card,) = _faces(page, "#photo-faces")
@@ -426,6 +514,31 @@ def test_api_key_is_asked_for_and_frontalised_thumbnails_are_shown(make_tab, key
     assert len(card["bars"]) == 7
     assert any(urlsplit(u).path == "/frontalize" for u in tab.probe.requests)
     tab.probe.check(expected_http_errors=(401,))
+
+
+def test_webcam_asks_for_the_key_and_streams_with_it_as_a_subprotocol(make_tab, keyed_server: Server) -> None:
+    expect = _expect()
+    tab = make_tab(on=keyed_server)
+    page = tab.open()
+    _start_webcam(page, "5")
+    error = page.locator("#cam-error")
+    expect(error).to_contain_text("This server needs an API key", timeout=30_000)
+    expect(error).to_contain_text("(close code 1008)")
+    expect(page.locator("#cam-status")).to_have_text("Camera paused: an API key is needed.")
+    key = page.get_by_label("API key")
+    expect(key).to_be_focused()
+    key.fill(API_KEY)
+    key.press("Enter")  # the camera goes on, its stream carrying the key
+    expect(page.locator("#cam-status")).to_contain_text(re.compile(r"Frame \d+: 1 face .* WebSocket"),
+                                                        timeout=60_000)
+    expect(error).to_be_hidden()
+    sockets = _sockets(page)
+    assert [c["code"] for c in sockets["closes"]][:1] == [1008]
+    assert sockets["protocols"] == ["fer.stream", "fer.stream"]  # the server never echoes the key
+    assert all(API_KEY not in u for u in sockets["urls"]), "the key went into a URL"
+    assert len(sockets["answers"]) >= 1 and sockets["answers"][-1]["faces"][0]["track"] == 1
+    page.get_by_role("button", name="Stop camera").click()
+    tab.probe.check(expected_http_errors=(401,))  # GET /models, asked without the key on loading
 
 
 # --- accessibility ----------------------------------------------------------------------------
