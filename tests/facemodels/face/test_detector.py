@@ -170,3 +170,36 @@ def test_ensure_reuses_the_cache_and_cli_writes_out(
     assert main(["--out", str(out)]) == 0
     assert out.is_file() and out.with_suffix(".json").is_file()
     RetinaFaceNet().load_state_dict(RetinaFaceDetector(out).net.state_dict())
+
+
+def _reference_batch(images: list[np.ndarray], *, nchw: bool) -> torch.Tensor:
+    """The batch as torch operations build it: flip to BGR, float, minus the mean, zero padded."""
+    from facemodels.face.retinaface_net import BGR_MEAN
+
+    height = max(-(-i.shape[0] // 32) * 32 for i in images)
+    width = max(-(-i.shape[1] // 32) * 32 for i in images)
+    batch = torch.zeros(len(images), height, width, 3)
+    for n, img in enumerate(images):
+        bgr = torch.from_numpy(np.ascontiguousarray(img)).flip(-1).float() - torch.tensor(BGR_MEAN)
+        batch[n, : img.shape[0], : img.shape[1]] = bgr
+    return batch.permute(0, 3, 1, 2).contiguous() if nchw else batch.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_batch_is_built_in_place_bit_for_bit(detector_weights: Path, tmp_path: Path, backend: str) -> None:
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    detector = RetinaFaceDetector(detector_weights, backend=backend, cache_dir=tmp_path)
+    rng = np.random.default_rng(1)
+    # different sizes (padding on the right and at the bottom) and a strided view
+    images = [rng.integers(0, 256, (101, 157, 3), dtype=np.uint8),
+              rng.integers(0, 256, (64, 200, 3), dtype=np.uint8),
+              rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)[::2, ::3]]
+    batch = detector._batch(images)
+    assert torch.equal(batch, _reference_batch(images, nchw=backend == "onnx"))
+    # the layout each runtime is fastest with: contiguous NCHW for ONNX Runtime, channels-last
+    # memory for PyTorch's depthwise convolutions
+    if backend == "onnx":
+        assert batch.is_contiguous()
+    else:
+        assert batch.is_contiguous(memory_format=torch.channels_last)
