@@ -41,7 +41,11 @@ ModelName = Annotated[str, Query(
 
 
 def _admit(engine: InferenceEngine, *, model: str, detect: bool, frontalize: FrontalizeMode) -> None:
-    """Refuse (503 ``queue_full``) before the upload is read when a queue this request needs is full."""
+    """Refuse before the upload is read: a model that is not loaded (400 ``unknown_model``), or a
+    full queue this request needs (503 ``queue_full``)."""
+    if model not in engine.classifiers:
+        raise ApiError(400, "unknown_model",
+                       f"model {model[:100]!r} is not loaded; available: {', '.join(engine.classifiers)}")
     names = (["detector"] if detect else []) + [model]
     if detect and frontalize is FrontalizeMode.ON:
         names.append("frontalizer")
@@ -52,9 +56,6 @@ async def _predict_image(
     request: Request, image: np.ndarray, engine: InferenceEngine, settings: Settings, *,
     model: str, tta: bool | None, max_faces: int | None, detect: bool, frontalize: FrontalizeMode,
 ) -> PredictResponse:
-    if model not in engine.classifiers:
-        raise ApiError(400, "unknown_model",
-                       f"model {model[:100]!r} is not loaded; available: {', '.join(engine.classifiers)}")
     use_tta = settings.tta if tta is None else tta
     await ensure_client_connected(request)
     results = await engine.predict(image, model=model, tta=use_tta, max_faces=max_faces, detect=detect,
