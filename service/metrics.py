@@ -7,6 +7,8 @@ WebSocket route ``/stream`` is no HTTP request: it records its own ``fer_stream_
 
 A client that hangs up before its answer (:func:`note_client_disconnect`) is counted with the
 status ``499`` (nginx's "client closed request"), not as a server error: it is the client's doing.
+A body that did not arrive in time is counted as the ``408`` its client got
+(:func:`note_request_timeout`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ __all__ = [
     "note_client_disconnect",
     "note_error",
     "note_faces",
+    "note_request_timeout",
 ]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 FACE_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50)
 _REPORT = "fer_request_report"
+_TIMED_OUT = "fer_body_timed_out"
 #: HTTP methods kept as metric labels; any other (a client may send anything) is "other", so
 #: clients cannot create unbounded label series.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -66,6 +70,12 @@ def note_error(request: Request, code: str) -> None:
     """Note an error of kind ``code`` in this request (recorded by the middleware)."""
     if (report := _report(request)) is not None:
         report.errors.append(code)
+
+
+def note_request_timeout(scope: Scope) -> None:
+    """Note that the body timeout answered this request with a 408 (outside the app, so the
+    middleware would otherwise record the app's view, a client that went away: 499)."""
+    scope.setdefault("state", {})[_TIMED_OUT] = True
 
 
 def note_client_disconnect(request: Request) -> None:
@@ -167,8 +177,12 @@ class _RequestMetricsMiddleware:
             report.errors.append("internal_error")  # answered by the outermost 500 handler
             raise
         finally:
-            self._record(scope, report, CLIENT_CLOSED_REQUEST if report.client_disconnected else status,
-                         time.perf_counter() - start)
+            if scope["state"].get(_TIMED_OUT):  # the client got the body timeout's 408
+                status = 408
+                report.errors = [e for e in report.errors if e != "client_disconnect"] + ["request_timeout"]
+            elif report.client_disconnected:
+                status = CLIENT_CLOSED_REQUEST
+            self._record(scope, report, status, time.perf_counter() - start)
 
     def _record(self, scope: Scope, report: _RequestReport, status: int, seconds: float) -> None:
         m = self.metrics

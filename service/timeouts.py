@@ -22,6 +22,8 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from service.metrics import note_request_timeout
+
 __all__ = ["BodyTimeoutMiddleware", "HeaderTimeoutH11Protocol"]
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,8 @@ class BodyTimeoutMiddleware:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 state["timed_out"] = True
+                if not state["started"]:
+                    note_request_timeout(scope)
                 await self._reject(scope, send, started=state["started"], timeout=timeout)
                 return {"type": "http.disconnect"}
             if message["type"] != "http.request" or not message.get("more_body", False):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from tests.service.browser.support import run_server
@@ -53,6 +54,11 @@ def test_stalled_clients_are_cut_off_and_sigterm_exits_0(tmp_path: Path, detecto
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"request_timeout" in answer
         assert 1.5 <= took <= 6, took
+        # counted as the 408 the client got, not as a client that went away (499)
+        metrics = httpx.get(f"{server.origin}/metrics", timeout=10).text
+        assert 'fer_requests_total{method="POST",route="/detect",status="408"} 1.0' in metrics
+        assert 'status="499"' not in metrics
+        assert 'fer_errors_total{kind="request_timeout"} 1.0' in metrics
 
         # half the headers, then nothing: closed after the headers timeout
         with _connect(server.origin) as header_client:
