@@ -22,6 +22,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.timeouts import HeadersDeadline
+
 __all__ = ["HardenedHttpToolsProtocol"]
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 _HEAD_END = b"\r\n\r\n"
 
 
-class HardenedHttpToolsProtocol(HttpToolsProtocol):
+class HardenedHttpToolsProtocol(HeadersDeadline, HttpToolsProtocol):
     """httptools with a request-head deadline and a request-head size cap."""
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
@@ -42,16 +44,6 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._head_tail = b""  # the head's last 3 bytes, to find an end marker split across reads
 
     # the deadline -----------------------------------------------------------------------
-    def _arm_headers_timer(self) -> None:
-        self._cancel_headers_timer()
-        if self.timeout_headers:
-            self._headers_timer = self.loop.call_later(self.timeout_headers, self._headers_timed_out)
-
-    def _cancel_headers_timer(self) -> None:
-        if self._headers_timer is not None:
-            self._headers_timer.cancel()
-            self._headers_timer = None
-
     def _headers_timed_out(self) -> None:
         self._headers_timer = None
         if not self.transport.is_closing():

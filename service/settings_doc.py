@@ -85,13 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = update_document(current)
     if args.check:
         if current != wanted:
-            print(f"{args.doc} is out of date with service.config.Settings; run `{REGENERATE}`",
-                  file=sys.stderr)
+            sys.stderr.write(f"{args.doc} is out of date with service.config.Settings; run `{REGENERATE}`\n")
             return 1
         return 0
     if current != wanted:
         args.doc.write_text(wanted, encoding="utf-8")
-        print(f"rewrote the settings table in {args.doc}")
+        sys.stdout.write(f"rewrote the settings table in {args.doc}\n")
     return 0
 
 

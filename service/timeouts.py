@@ -24,7 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.metrics import note_request_timeout
 
-__all__ = ["BodyTimeoutMiddleware", "HeaderTimeoutH11Protocol"]
+__all__ = ["BodyTimeoutMiddleware", "HeaderTimeoutH11Protocol", "HeadersDeadline"]
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,14 @@ def _peer(client: Any) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
-    """h11 with a deadline on the request headers (``config.fer_timeout_headers``, seconds)."""
+class HeadersDeadline:
+    """The per-connection deadline on a request head, shared by the h11 and httptools protocols:
+    ``_arm_headers_timer`` (re)starts it, ``_cancel_headers_timer`` stops it, and the protocol's
+    own ``_headers_timed_out`` says what expiry means for its parser."""
 
-    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
-        self.timeout_headers: float | None = getattr(config, "fer_timeout_headers", None)
-        self._headers_timer: asyncio.TimerHandle | None = None
+    timeout_headers: float | None
+    _headers_timer: asyncio.TimerHandle | None
+    loop: asyncio.AbstractEventLoop
 
     def _arm_headers_timer(self) -> None:
         self._cancel_headers_timer()
@@ -53,6 +54,18 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         if self._headers_timer is not None:
             self._headers_timer.cancel()
             self._headers_timer = None
+
+    def _headers_timed_out(self) -> None:
+        raise NotImplementedError
+
+
+class HeaderTimeoutH11Protocol(HeadersDeadline, H11Protocol):
+    """h11 with a deadline on the request headers (``config.fer_timeout_headers``, seconds)."""
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.timeout_headers: float | None = getattr(config, "fer_timeout_headers", None)
+        self._headers_timer: asyncio.TimerHandle | None = None
 
     def _headers_timed_out(self) -> None:
         self._headers_timer = None
