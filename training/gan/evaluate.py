@@ -1,25 +1,27 @@
-"""``fer-train eval-frontalizer``: identity preservation, expression preservation, accuracy per yaw.
+"""``fer-train eval-frontalizer``: raw vs warp-only vs a GAN frontaliser, against issue #12's bars.
 
-Prints one table and writes the numbers as JSON (and, with ``--update-card``, into the
-frontaliser's card), plus a sample sheet (profile | frontalised | real frontal, CFP ids
-451-500) for ``docs/``:
+One run measures, on the same faces and pairs, the raw input, the warp-only frontaliser and the
+checkpoint given (its card's ``arch`` decides: a ``frontal_refiner`` on the warp, or the old
+DR-GAN ``frontalizer``; ``--warp-only``: warp-only alone). It logs two tables, a detail table
+(metric x frontaliser) and the issue's one table (frontaliser x bar, with pass/fail; the old
+DR-GAN's numbers there are quoted from docs/frontalizer.md, :mod:`training.gan.eval_report`),
+writes the numbers as JSON (and, with ``--update-card``, the checkpoint's own numbers into its
+card, where the service's ``frontalize=auto`` reads ``frontalize_helps``) and two sample sheets.
 
 1. Identity (CFP eval ids 451-500, :mod:`training.gan.identity`): ROC AUC and TAR at FAR 1% of
-   frontal-profile pairs scored by dlib's face recogniser, with the raw profile crop and with
-   the frontalised one; also D_p's pose accuracy on those photos.
-2. Expression preservation (FER2013 PublicTest, first ``--limit`` faces): classifier accuracy
-   on the original faces and on frontalised ones, and how often the two predictions agree.
-3. Accuracy per estimated |yaw| bin, with and without frontalising; ``frontalize_helps`` in
-   the JSON lists the bins where it raised accuracy beyond chance (more faces fixed than
-   broken, one-sided exact McNemar p < 0.05): what the service's ``auto`` policy uses.
+   frontal-profile pairs (FP fold 10 and all pairs) scored by dlib's face recogniser, with the raw
+   and the frontalised profile; FF fold 10 with both photos frontalised.
+2. Expression (FER2013 PublicTest, a seeded ``--limit`` sample): classifier accuracy on the
+   original and the frontalised faces, per estimated |yaw| bin; agreement of the two predictions;
+   ``frontalize_helps``: the bins where frontalising raised accuracy beyond chance (more faces
+   fixed than broken, one-sided exact McNemar p < 0.05).
+3. Looks frontal (:func:`training.gan.output_checks.frontal_check`): RetinaFace on the frontalised
+   CFP profiles. 4. Realism (:func:`training.gan.output_checks.realism_probe`): a tiny CNN telling
+   real CFP frontals from frontalised profiles (trained on ids 001-450, tested on 451-500).
 
-``--yaw-check`` also runs the detector on the raw CFP eval photos and reports the yaw
-estimate per pose class, validating :func:`facemodels.face.pose.estimate_yaw`.
-
-``--warp-only`` evaluates the warp-only baseline (:mod:`facemodels.frontalizer.warp`, no
-checkpoint) with the same metrics and inputs (:mod:`training.gan.warp_eval`), plus its pose fit
-on CFP. Identity also reports CFP's frontal-frontal fold 10 (both photos frontalised), where
-the protocol files are present.
+``--yaw-check`` also runs the detector on the raw CFP eval photos and reports the yaw estimate
+per pose class, validating :func:`facemodels.face.pose.estimate_yaw`. Setup of the frontalisers:
+:mod:`training.gan.eval_subjects`.
 """
 
 from __future__ import annotations
@@ -35,46 +37,37 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch import Tensor
 
 from facemodels.checkpoint import load_checkpoint, update_card
 from facemodels.device import resolve_device
 from facemodels.face.pose import estimate_yaw
-from facemodels.frontalizer.model import Frontalizer, default_cfg, frontalize_faces
-from facemodels.frontalizer.warp import MeshWarp
+from facemodels.frontalizer.model import Frontalizer, frontalize_faces
 from facemodels.predict import predict_probs
 from training.data.aligned_views import align_views, detect_face_landmarks
-from training.data.cfp import CfpDataset, load_cfp
-from training.gan.fer_eval import FerFrontaliser, FerResult, evaluate_fer, gan_fer_frontaliser
-from training.gan.identity import (
-    DlibEmbedder,
-    Embedder,
-    all_pairs,
-    protocol_pairs,
-    roc_auc,
-    tar_at_far,
-    verification_scores,
-)
-from training.gan.sheets import pick_sheet_rows, write_sheet
-from training.gan.warp_eval import WarpFrontaliser, cfp_crop_landmarks, pose_fit_summary
+from training.data.cfp import CfpDataset
+from training.gan.eval_report import DRGAN_QUOTED, QUOTED_KEY, bars_table, fmt, format_table, measure_bars
+from training.gan.eval_subjects import WARP_OUTPUT, CfpFrontaliser, Subject, setup_subject
+from training.gan.fer_eval import YAW_BINS, FerResult, evaluate_fer
+from training.gan.identity import DlibEmbedder, Embedder, identity_scores
+from training.gan.output_checks import FRONTAL_CHECK_HOW, frontal_check, realism_probe
+from training.gan.sheets import pick_sheet_rows, pick_yaw_rows, write_sheet
 from training.runtime import cache_root
 
 __all__ = ["CfpFrontaliser", "evaluate_identity", "get_args_parser", "main", "yaw_check"]
 
 log = logging.getLogger(__name__)
-Row = tuple[str, str, str, str]
-#: CFP crops -> uint8 ``(N, S, S)`` frontal faces in the same framing.
-CfpFrontaliser = Callable[[CfpDataset], Tensor]
-WARP_OUTPUT = Path("runs/warp_only_eval.json")
+Row = list[str]
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate the frontaliser (identity, expression, yaw)",
                                 add_help=add_help)
-    p.add_argument("checkpoint", type=Path, nargs="?", default=Path("runs/frontalizer/final"))
+    p.add_argument("checkpoint", type=Path, nargs="?", default=Path("runs/frontalizer/final"),
+                   help="a frontal_refiner or frontalizer (DR-GAN) checkpoint; warp-only is measured "
+                        "beside it")
     p.add_argument("--warp-only", action="store_true",
-                   help="evaluate the warp-only baseline (facemodels.frontalizer.warp) instead of a "
-                        "checkpoint (the checkpoint argument is ignored)")
+                   help="evaluate the warp-only baseline (facemodels.frontalizer.warp) alone (the "
+                        "checkpoint argument is ignored)")
     p.add_argument("--data", default="../shared/data/cfp", help="CFP folder")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--classifier", type=Path, default=Path("checkpoints/default"),
@@ -82,18 +75,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--fer-data", default="../shared/data/fer2013")
     p.add_argument("--limit", type=int, default=1000,
                    help="a seeded random sample of N FER2013 PublicTest faces (0 = all 3589)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample and of the realism probe")
     p.add_argument("--skip-identity", action="store_true")
     p.add_argument("--skip-fer", action="store_true")
+    p.add_argument("--skip-frontal-check", action="store_true", help="skip bar 7 (RetinaFace on the outputs)")
+    p.add_argument("--skip-realism", action="store_true", help="skip bar 8 (the real-vs-frontalised probe)")
+    p.add_argument("--probe-steps", type=int, default=400, help="training steps of the realism probe (bar 8)")
     p.add_argument("--yaw-check", action="store_true", help="validate the yaw estimate on raw CFP photos")
     p.add_argument("--sheet", type=Path, default=None,
-                   help="profile | frontalised | real frontal (default docs/frontalizer_samples.png, "
-                        "with --warp-only docs/frontalizer_warp_samples.png)")
+                   help="profile in | warp-only | GAN | real frontal (default "
+                        "docs/frontalizer_refiner_samples.png for a refiner, docs/frontalizer_samples.png "
+                        "for a DR-GAN, "
+                        "docs/frontalizer_warp_samples.png with --warp-only)")
     p.add_argument("--fer-sheet", type=Path, default=None,
-                   help="FER2013 original | frontaliser input | frontalised (default "
-                        "docs/frontalizer_fer_samples.png, with --warp-only "
-                        "docs/frontalizer_warp_fer_samples.png)")
-    p.add_argument("--sample-count", type=int, default=8)
+                   help="FER2013 faces binned by |yaw|: original | warp-only | GAN (default "
+                        "docs/frontalizer_{refiner_,,warp_}fer_samples.png as --sheet)")
+    p.add_argument("--sample-count", type=int, default=8,
+                   help="people on the CFP sheet; FER faces per |yaw| bin on the FER sheet: half of it")
     p.add_argument("--output", type=Path, default=None,
                    help=f"JSON (default: beside the checkpoint; with --warp-only {WARP_OUTPUT})")
     p.add_argument("--update-card", action="store_true", help="store the metrics in the checkpoint card")
@@ -104,41 +102,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def evaluate_identity(model: Frontalizer | CfpFrontaliser, data_root: Path, frontal: CfpDataset,
                       profile: CfpDataset, embedder: Embedder) -> dict[str, Any]:
-    """AUC and TAR@FAR=1% of frontal-profile pairs, raw vs frontalised profile crops.
+    """AUC and TAR@FAR=1% of CFP pairs, raw (``"raw"``) vs frontalised (``"frontalised"``).
 
-    ``model`` is the GAN or any :data:`CfpFrontaliser` (the warp-only baseline). Where CFP's
-    frontal-frontal protocol is present, its fold 10 is scored too, raw and with both photos
-    frontalised.
+    ``model`` is the DR-GAN or any :data:`CfpFrontaliser`; see
+    :func:`training.gan.identity.identity_scores` (several frontalisers at once).
     """
     if isinstance(model, Frontalizer):
         gan = model
 
-        def run(d: CfpDataset) -> Tensor:
+        def run(d: CfpDataset) -> torch.Tensor:
             return frontalize_faces(gan, d.images, out_size=gan.cfg.image_size)
     else:
         run = model
-    front_emb = embedder.embed(frontal.images.numpy())
-    raw_emb = embedder.embed(profile.images.numpy())
-    fake_emb = embedder.embed(run(profile).numpy())
-    # name -> (pairs, same, {label: (first member's embeddings, second member's)})
-    pair_sets = {}
-    for name, (pairs, same) in (
-            ("FP fold 10", protocol_pairs(data_root, list(frontal.paths), list(profile.paths))),
-            ("all F x P pairs", all_pairs(frontal.identity.numpy(), profile.identity.numpy()))):
-        pair_sets[name] = (pairs, same, {"raw": (front_emb, raw_emb), "frontalised": (front_emb, fake_emb)})
-    if (data_root / "Protocol" / "Split" / "FF").is_dir():
-        pairs, same = protocol_pairs(data_root, list(frontal.paths), list(frontal.paths), split="FF")
-        ff_emb = embedder.embed(run(frontal).numpy())
-        pair_sets["FF fold 10"] = (pairs, same, {"raw": (front_emb, front_emb),
-                                                 "frontalised": (ff_emb, ff_emb)})
-    result: dict[str, Any] = {"embedder": embedder.name}
-    for name, (pairs, same, variants) in pair_sets.items():
-        entry = {"same": int(same.sum()), "different": int((~same).sum())}
-        for label, (a, b) in variants.items():
-            s = verification_scores(a, b, pairs)
-            entry[label] = {"auc": roc_auc(s, same), "tar_at_far_1pct": tar_at_far(s, same, 0.01)}
-        result[name] = entry
-    return result
+    return identity_scores({"frontalised": run}, data_root, frontal, profile, embedder)
 
 
 def yaw_check(data: CfpDataset, detector: Any) -> dict[str, dict[str, float]]:
@@ -165,7 +141,7 @@ def yaw_check(data: CfpDataset, detector: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def _aligned_control(res: FerResult, classifier: torch.nn.Module, faces: Tensor,
+def _aligned_control(res: FerResult, classifier: torch.nn.Module, faces: torch.Tensor,
                      landmarks: list[np.ndarray | None]) -> FerResult:
     """``res`` with its frontalised faces replaced by the plain 2D alignment of the originals
     (the service's classifier crop; unchanged where no landmarks): separates what the warp
@@ -175,113 +151,113 @@ def _aligned_control(res: FerResult, classifier: torch.nn.Module, faces: Tensor,
     return dataclasses.replace(res, pred_front=pred, frontalised=aligned)
 
 
-def _fmt(v: float) -> str:
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"
+def _fer(args: argparse.Namespace, subject: Subject, device: torch.device, detector: Any) -> list[Row]:
+    """Expression rows (accuracy per |yaw| bin, agreement, the 2D control) and the FER sheet."""
+    from training.data.fer2013 import load_fer2013
+
+    keys = [c.key for c in subject.candidates]
+    classifier, ccard = load_checkpoint(args.classifier, device=device)
+    fer = load_fer2013(args.fer_data, cache_dir=args.cache_dir).split("PublicTest")
+    n = len(fer) if args.limit <= 0 else min(args.limit, len(fer))
+    # PublicTest is stored class by class: a prefix would hold only the first classes.
+    pick = torch.randperm(len(fer), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
+    faces, labels = fer.images[pick], fer.labels[pick]
+    landmarks = detect_face_landmarks(faces.numpy(), detector)
+    res = {c.key: evaluate_fer(c.fer_run, classifier, faces, labels, landmarks) for c in subject.candidates}
+    first = res[keys[0]]
+    rows_of = {k: r.rows() for k, r in res.items()}
+    entry: dict[str, Any] = {
+        "classifier": str(args.classifier), "classifier_arch": ccard["arch"], "split": "PublicTest",
+        "faces": n, "sample_seed": args.seed, "raw_accuracy": rows_of[keys[0]][0][2],
+        "by_frontaliser": {k: r.summary() for k, r in res.items()}}
+    subject.results["fer"] = entry
+    rows: list[Row] = []
+    for i, (bin_name, k, acc, _) in enumerate(rows_of[keys[0]]):
+        label = "FER PublicTest accuracy" if bin_name == "all" else f"  |yaw| {bin_name}"
+        rows.append([label, fmt(acc), *(fmt(rows_of[key][i][3]) for key in keys), str(k)])
+    rows.append(["FER agreement original vs frontalised", "", *(fmt(r.agreement) for r in res.values()),
+                 str(n)])
+    agree15 = {k: r.agreement_below(YAW_BINS[1]) for k, r in res.items()}
+    rows.append(["  agreement |yaw| <15°", "", *(fmt(a) for a, _ in agree15.values()),
+                 str(agree15[keys[0]][1])])
+    control = _aligned_control(first, classifier, faces, landmarks)  # the output framing without the warp
+    entry["aligned_control"] = {
+        "what": "the same faces 2D-aligned to the FER template (align_face, as served), no warp",
+        "agreement": control.agreement, "bins": {b: {"n": k, "acc": acc} for b, k, _, acc in control.rows()}}
+    for bin_name, k, _, acc in control.rows():
+        label = ("FER 2D-aligned only (control) accuracy" if bin_name == "all"
+                 else f"  2D-aligned |yaw| {bin_name}")
+        rows.append([label, "", fmt(acc), *([""] * (len(keys) - 1)), str(k)])
+    idx = torch.from_numpy(pick_yaw_rows(first.yaw, YAW_BINS, max(1, args.sample_count // 2)))
+    if len(idx):
+        write_sheet(subject.fer_sheet, faces[idx], *(r.frontalised[idx] for r in res.values()), scale=2,
+                    header=("FER original", *(c.label for c in subject.candidates)),
+                    row_labels=[f"yaw {first.yaw[i]:+.0f}" for i in idx.tolist()],
+                    title="FER2013 PublicTest by |yaw|")
+    return rows
 
 
-def _print_table(title: str, rows: list[Row]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+def _realism(args: argparse.Namespace, subject: Subject, get_detector: Callable[[], Any]) -> list[Row]:
+    """Bar 8: the probe per row, trained on ids 001-450 and tested on 451-500 (profiles with landmarks)."""
+    train = subject.cfp_all.split("train")
+    if len(train) == 0:
+        log.warning("realism probe skipped: no CFP training ids (001-450) under %s", args.data)
+        return []
+    subject.add_landmarks(train, get_detector)
 
-    def line(r: Row) -> str:
-        cells = zip(r, widths, strict=True)
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+    def split(d: CfpDataset) -> tuple[CfpDataset, CfpDataset]:
+        has = torch.tensor([bool(np.isfinite(subject.cfp_landmarks[p]).all()) for p in d.paths])
+        return d.subset(d.pose == 0), d.subset((d.pose != 0) & has)
 
-    lines = [title, line(rows[0])]
-    lines.append("-" * len(lines[-1]))
-    lines += [line(r) for r in rows[1:]]
-    print("\n".join(lines))
-
-
-@dataclasses.dataclass
-class _Subject:
-    """The frontaliser under evaluation (the GAN or the warp-only baseline), as ``main`` uses it."""
-
-    label: str  # its column in the table
-    title: str  # the table's title
-    sheet: Path  # CFP sample sheet: profile | frontalised | real frontal
-    sheet_title: str
-    cfp_header: tuple[str, str, str]
-    fer_sheet: Path  # FER2013 sample sheet: original | input | frontalised
-    fer_header: tuple[str, str, str]
-    agreement_label: str  # the table row of the FER prediction agreement
-    output: Path  # default JSON path
-    cfp: CfpDataset  # CFP evaluation ids, framed at the frontaliser's input size
-    cfp_run: CfpFrontaliser
-    fer_run: FerFrontaliser
-    results: dict[str, Any]  # the JSON so far (what the setup measured) ...
-    rows: list[Row]  # ... and its table rows
-    card: dict[str, Any] | None = None  # the checkpoint's card, for --update-card
-    aligned_control: bool = False  # also report the FER faces only 2D-aligned (no warp)
+    (tr_f, tr_p), (te_f, te_p) = split(train), split(subject.cfp)
+    if min(len(tr_f), len(tr_p), len(te_f), len(te_p)) == 0:
+        log.warning("realism probe skipped: it needs frontal photos and profiles with landmarks in both "
+                    "splits (train %d+%d, eval %d+%d)", len(tr_f), len(tr_p), len(te_f), len(te_p))
+        return []
+    runs = {"raw": lambda d: d.images} | {c.key: c.cfp_run for c in subject.candidates}
+    out = {k: realism_probe(tr_f.images.numpy(), run(tr_p).numpy(), te_f.images.numpy(), run(te_p).numpy(),
+                            seed=args.seed, steps=args.probe_steps, name=k) for k, run in runs.items()}
+    subject.results["realism_probe"] = out
+    keys = [c.key for c in subject.candidates]
+    n = f"{out['raw']['test_real']}+{out['raw']['test_fake']}"
+    return [["real-vs-frontalised probe, balanced test acc", fmt(out["raw"]["test_accuracy"]),
+             *(fmt(out[k]["test_accuracy"]) for k in keys), n]]
 
 
-def _cfp_eval(args: argparse.Namespace, size: int) -> CfpDataset:
-    cfp = load_cfp(args.data, size=size, cache_dir=args.cache_dir).split("eval")
-    if len(cfp) == 0:
-        raise ValueError(f"{args.data}: no evaluation ids (451-500)")
-    return cfp
+def _frontal_rows(subject: Subject, detector: Any) -> list[Row]:
+    """Bar 7: the detector on the raw and the frontalised CFP eval profiles."""
+    profile = subject.cfp.subset(subject.cfp.pose != 0)
+    out: dict[str, Any] = {"raw": frontal_check(profile.images.numpy(), detector)}
+    for c in subject.candidates:
+        out[c.key] = frontal_check(c.cfp_run(profile).numpy(), detector)
+    subject.results["frontal_check"] = out | {"how": FRONTAL_CHECK_HOW}
+    cols = ["raw", *(c.key for c in subject.candidates)]
+    n = str(len(profile))
+    return [["CFP profiles out: face found", *(fmt(out[k]["found_fraction"]) for k in cols), n],
+            ["CFP profiles out: median |yaw|", *(fmt(out[k]["median_abs_yaw"], 1) for k in cols), n],
+            ["CFP profiles out: |yaw| <= 15 (of found)", *(fmt(out[k]["within_15"]) for k in cols), n]]
 
 
-def _gan_setup(args: argparse.Namespace, device: torch.device) -> _Subject:
-    """The GAN checkpoint ``args.checkpoint``, and D_p's pose accuracy on the CFP eval photos."""
-    model, card = load_checkpoint(args.checkpoint, device=device)
-    if card["arch"] != "frontalizer":
-        raise ValueError(f"{args.checkpoint} is a {card['arch']!r}, not a frontalizer")
-    gan: Frontalizer = model
-    size = gan.cfg.image_size
-    cfp = _cfp_eval(args, size)
-
-    def cfp_run(d: CfpDataset) -> Tensor:
-        return frontalize_faces(gan, d.images, out_size=size)
-
-    with torch.inference_mode():
-        pose_pred = gan.pose_logits(gan.preprocess(cfp.images)).argmax(1).cpu()
-    pose_acc = float((pose_pred == cfp.pose).float().mean())
-    steps = card.get("steps_trained")
-    return _Subject(
-        label="with frontaliser", title=f"Frontaliser {args.checkpoint} ({steps} steps)",
-        sheet=args.sheet or Path("docs/frontalizer_samples.png"),
-        sheet_title=f"{args.checkpoint.name}, {steps} steps: CFP ids 451-500",
-        cfp_header=("profile in", "frontalised", "real frontal"),
-        fer_sheet=args.fer_sheet or Path("docs/frontalizer_fer_samples.png"),
-        fer_header=("FER original", "frontaliser input", "frontalised"),
-        agreement_label="FER agreement original vs frontalised",
-        output=Path(str(args.checkpoint) + "_eval.json"),
-        cfp=cfp, cfp_run=cfp_run, fer_run=gan_fer_frontaliser(gan),
-        results={"checkpoint": str(args.checkpoint), "steps_trained": steps, "cfp_pose_accuracy": pose_acc},
-        rows=[("CFP 451-500 D_p pose accuracy", _fmt(pose_acc), "", str(len(cfp)))], card=card)
-
-
-def _warp_setup(args: argparse.Namespace, get_detector: Callable[[], Any]) -> _Subject:
-    """The warp-only baseline at the GAN's input size, with the detector's landmarks on the CFP
-    eval photos and its pose fit there."""
-    if args.update_card:
-        raise ValueError("--update-card stores metrics in a checkpoint's card; --warp-only has none")
-    size = default_cfg().image_size
-    cfp = _cfp_eval(args, size)
-    warp = MeshWarp(size)
-    landmarks = cfp_crop_landmarks(cfp, get_detector())
-    found = int(np.isfinite(landmarks).all((1, 2)).sum())
-    wf = WarpFrontaliser(warp, dict(zip(cfp.paths, landmarks, strict=True)))
-    fit = pose_fit_summary(warp, cfp, landmarks)
-    rows: list[Row] = [("CFP 451-500 photos with landmarks", "", f"{found}", str(len(cfp)))]
-    for cls, v in fit.items():
-        spread = f"{v['yaw_p5']:.0f}/{v['yaw_median']:.0f}/{v['yaw_p95']:.0f}"
-        rows.append((f"warp fit {cls} yaw p5/median/p95", "", spread, f"{v['found']}/{v['n']}"))
-        rows.append((f"warp fit {cls} rms / eye-mouth", "", f"{v['rms_over_eye_mouth_median']:.3f}",
-                     f"{v['found']}/{v['n']}"))
-    return _Subject(
-        label="warp-only", title="Warp-only baseline (facemodels.frontalizer.warp)",
-        sheet=args.sheet or Path("docs/frontalizer_warp_samples.png"),
-        sheet_title="warp-only (no learning): CFP ids 451-500",
-        cfp_header=("profile in", "warp-only", "real frontal"),
-        fer_sheet=args.fer_sheet or Path("docs/frontalizer_warp_fer_samples.png"),
-        fer_header=("FER original", "warp input", "warp-only"),
-        agreement_label="FER agreement original vs warped", output=WARP_OUTPUT,
-        cfp=cfp, cfp_run=wf.cfp, fer_run=wf.fer,
-        results={"frontaliser": "warp-only", "method": "facemodels.frontalizer.warp.MeshWarp",
-                 "warp": {"size": size, "mesh_y_scale": warp.y_scale, "pose_fit": fit,
-                          "cfp_landmarks_found": found, "cfp_photos": len(cfp)}},
-        rows=rows, aligned_control=True)
+def _card_metrics(subject: Subject, key: str) -> dict[str, Any]:
+    """The checkpoint's own numbers in the shape the service and older cards use."""
+    res, metrics = subject.results, dict((subject.card or {}).get("metrics", {}))
+    cfp: dict[str, Any] = {k: res[k] for k in ("cfp_pose_accuracy",) if k in res}
+    if "identity" in res:
+        cfp["identity"] = {name: ({"same": e["same"], "different": e["different"], "raw": e["raw"],
+                                   "frontalised": e[key]} if isinstance(e, dict) else e)
+                           for name, e in res["identity"].items()}
+    for name in ("frontal_check", "realism_probe"):
+        if name in res:
+            cfp[name] = {k: res[name][k] for k in (key, "warp-only", "raw") if k in res[name]}
+    metrics["CFP-eval-ids-451-500"] = cfp
+    if "fer" in res:
+        fer = res["fer"]
+        common = {k: v for k, v in fer.items() if k not in ("by_frontaliser", "aligned_control")}
+        metrics["FER2013-PublicTest"] = common | fer["by_frontaliser"][key]
+    metrics["eval-frontalizer-bars"] = [{"bar": b["bar"], "rule": b["rule"], "value": b["values"][key],
+                                         "warp_only": b["values"]["warp-only"], "pass": b["pass"][key]}
+                                        for b in res["bars"]]
+    return json.loads(json.dumps(metrics, default=float))
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -299,81 +275,57 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                      device=device)
         return detector
 
-    subject = _warp_setup(args, get_detector) if args.warp_only else _gan_setup(args, device)
-    cfp, results = subject.cfp, subject.results
+    subject = setup_subject(args, device, get_detector)
+    cfp, results, cands = subject.cfp, subject.results, subject.candidates
+    keys = [c.key for c in cands]
+    labels = {"raw": "raw input", **{c.key: c.label for c in cands}, QUOTED_KEY: "DR-GAN 7,100 steps*"}
+    results["rows"] = {k: labels[k] for k in ("raw", *keys)}
     frontal, profile = cfp.subset(cfp.pose == 0), cfp.subset(cfp.pose != 0)
-    rows: list[Row] = [("metric", "without", subject.label, "n"), *subject.rows]
+    rows: list[Row] = [["metric", "raw", *(c.label for c in cands), "n"]]
+    rows += [[m, raw, *(v.get(k, "") for k in keys), n] for m, raw, v, n in subject.rows]
 
     p_idx, f_idx = pick_sheet_rows(cfp, args.sample_count)
-    write_sheet(subject.sheet, cfp.images[p_idx], subject.cfp_run(cfp.subset(p_idx)), cfp.images[f_idx],
-                title=subject.sheet_title, header=subject.cfp_header)
+    sheet_profiles = cfp.subset(p_idx)
+    write_sheet(subject.sheet, cfp.images[p_idx], *(c.cfp_run(sheet_profiles) for c in cands),
+                cfp.images[f_idx], title=f"{subject.title}: CFP ids 451-500",
+                header=("profile in", *(c.label for c in cands), "real frontal"))
 
     if not args.skip_identity:
-        ident = evaluate_identity(subject.cfp_run, Path(cfp.source), frontal, profile, DlibEmbedder())
+        ident = identity_scores({c.key: c.cfp_run for c in cands}, Path(cfp.source), frontal, profile,
+                                DlibEmbedder())
         results["identity"] = ident
         for pair_name in ("FP fold 10", "all F x P pairs", "FF fold 10"):
-            if pair_name not in ident:
-                continue
-            e = ident[pair_name]
-            n = f"{e['same']}+/{e['different']}-"
-            raw, fr = e["raw"], e["frontalised"]
-            rows.append((f"identity {pair_name}: ROC AUC", _fmt(raw["auc"]), _fmt(fr["auc"]), n))
-            rows.append((f"identity {pair_name}: TAR@FAR=1%", _fmt(raw["tar_at_far_1pct"]),
-                         _fmt(fr["tar_at_far_1pct"]), n))
-
+            if pair_name in ident:
+                e = ident[pair_name]
+                n = f"{e['same']}+/{e['different']}-"
+                for what, metric in (("ROC AUC", "auc"), ("TAR@FAR=1%", "tar_at_far_1pct")):
+                    values = (fmt(e[k][metric]) for k in ("raw", *keys))
+                    rows.append([f"identity {pair_name}: {what}", *values, n])
     if not args.skip_fer:
-        from training.data.fer2013 import load_fer2013
-
-        classifier, ccard = load_checkpoint(args.classifier, device=device)
-        fer = load_fer2013(args.fer_data, cache_dir=args.cache_dir).split("PublicTest")
-        n = len(fer) if args.limit <= 0 else min(args.limit, len(fer))
-        # PublicTest is stored class by class: a prefix would hold only the first classes.
-        pick = torch.randperm(len(fer), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
-        faces, labels = fer.images[pick], fer.labels[pick]
-        fer_landmarks = detect_face_landmarks(faces.numpy(), get_detector())
-        res = evaluate_fer(subject.fer_run, classifier, faces, labels, fer_landmarks)
-        k = min(args.sample_count, n)
-        write_sheet(subject.fer_sheet, faces[:k], res.inputs[:k], res.frontalised[:k], scale=3,
-                    header=subject.fer_header, title="FER2013 PublicTest")
-        discordant = res.discordant()
-        bins = {bin_name: {"n": k, "acc": a, "acc_frontalised": b, "fixed": discordant[bin_name][0],
-                           "broke": discordant[bin_name][1], "mcnemar_p": discordant[bin_name][2]}
-                for bin_name, k, a, b in res.rows()}
-        results["fer"] = {"classifier": str(args.classifier), "classifier_arch": ccard["arch"],
-                          "split": "PublicTest", "faces": n, "sample_seed": args.seed,
-                          "agreement": res.agreement, "bins": bins,
-                          "frontalize_helps": [r.to_json() for r in res.helps()],
-                          "helps_rule": "McNemar one-sided p < 0.05"}
-        for bin_name, k, a, b in res.rows():
-            row_label = "FER PublicTest accuracy" if bin_name == "all" else f"  |yaw| {bin_name}"
-            rows.append((row_label, _fmt(a), _fmt(b), str(k)))
-        rows.append((subject.agreement_label, "", _fmt(res.agreement), str(n)))
-        if subject.aligned_control:  # the warp's output framing without the 3D warp
-            control = _aligned_control(res, classifier, faces, fer_landmarks)
-            results["fer"]["aligned_control"] = {
-                "what": "the same faces 2D-aligned to the FER template (align_face, as served), no warp",
-                "agreement": control.agreement,
-                "bins": {b: {"n": k, "acc": acc} for b, k, _, acc in control.rows()}}
-            for bin_name, k, _, acc in control.rows():
-                row_label = ("FER 2D-aligned only (control) accuracy" if bin_name == "all"
-                             else f"  2D-aligned |yaw| {bin_name}")
-                rows.append((row_label, "", _fmt(acc), str(k)))
+        rows += _fer(args, subject, device, get_detector())
+    if not args.skip_frontal_check:
+        rows += _frontal_rows(subject, get_detector())
+    if not args.skip_realism:
+        rows += _realism(args, subject, get_detector)
     if args.yaw_check:
         yc = yaw_check(cfp, get_detector())
         results["yaw_check"] = yc
         for cls_name, v in yc.items():
             spread = f"{v['p5']:.0f}/{v['median']:.0f}/{v['p95']:.0f}"
-            rows.append((f"CFP {cls_name} yaw p5/median/p95", spread, "", f"{v['found']}/{v['n']}"))
+            rows.append([f"CFP {cls_name} yaw p5/median/p95", spread, *([""] * len(keys)),
+                         f"{v['found']}/{v['n']}"])
 
-    _print_table(f"\n{subject.title}; sheet {subject.sheet}", rows)
+    bars = measure_bars(results, keys)
+    results["bars"] = bars
+    results["quoted"] = {QUOTED_KEY: DRGAN_QUOTED}
+    log.info("\n%s", format_table(f"{subject.title}; sheets {subject.sheet}, {subject.fer_sheet}", rows))
+    log.info("\n%s", bars_table(bars, labels))
     out = args.output or subject.output
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    if args.update_card and subject.card is not None:
-        metrics = dict(subject.card.get("metrics", {}))
-        keys = ("cfp_pose_accuracy", "identity")
-        metrics["CFP-eval-ids-451-500"] = {k: results[k] for k in keys if k in results}
-        if "fer" in results:
-            metrics["FER2013-PublicTest"] = results["fer"]
-        update_card(args.checkpoint, metrics=json.loads(json.dumps(metrics, default=float)))
+    log.info("wrote %s", out)
+    key = subject.checkpoint_key
+    if args.update_card and key is not None:
+        update_card(args.checkpoint, metrics=_card_metrics(subject, key))
+        log.info("stored the %s metrics in the card of %s", key, args.checkpoint)
     return results

@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from facemodels.frontalizer.model import Frontalizer, fer_crop_to_input, frontal
 from facemodels.frontalizer.yaw import YawRange
 from facemodels.predict import predict_probs
 
-__all__ = ["YAW_BINS", "FerFrontaliser", "FerResult", "evaluate_fer", "gan_fer_frontaliser",
+__all__ = ["HELPS_RULE", "YAW_BINS", "FerFrontaliser", "FerResult", "evaluate_fer", "gan_fer_frontaliser",
            "mcnemar_helps_p", "yaw_ranges"]
 
 #: ``(faces uint8 (N, 48, 48), their landmarks or None, out_size)`` -> ``(what the frontaliser
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 #: |yaw| bin edges in degrees; the last bin is open-ended.
 YAW_BINS: tuple[float, ...] = (0.0, 15.0, 30.0, 45.0)
 NO_FACE = "no face found"
+HELPS_RULE = "McNemar one-sided p < 0.05"
 
 
 def mcnemar_helps_p(fixed: int, broke: int) -> float:
@@ -101,6 +103,27 @@ class FerResult:
     @property
     def agreement(self) -> float:
         return float((self.pred_orig == self.pred_front).float().mean())
+
+    def agreement_below(self, max_abs_yaw: float) -> tuple[float, int]:
+        """Agreement original vs frontalised over the faces found with ``|yaw| < max_abs_yaw``,
+        and how many those are (NaN agreement when none)."""
+        mask = torch.from_numpy(np.abs(self.yaw) < max_abs_yaw)  # NaN (no face) compares False
+        n = int(mask.sum())
+        agree = (self.pred_orig == self.pred_front)[mask]
+        return (float(agree.float().mean()) if n else float("nan")), n
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON of one frontaliser's FER run: agreement (all faces and ``|yaw| < 15``),
+        accuracy per bin with McNemar counts, and ``frontalize_helps`` (what the service's
+        ``auto`` policy reads from a checkpoint card)."""
+        discordant = self.discordant()
+        bins = {name: {"n": k, "acc": a, "acc_frontalised": b, "fixed": discordant[name][0],
+                       "broke": discordant[name][1], "mcnemar_p": discordant[name][2]}
+                for name, k, a, b in self.rows()}
+        agree15, n15 = self.agreement_below(YAW_BINS[1])
+        return {"agreement": self.agreement, "agreement_abs_yaw_lt_15": agree15, "n_abs_yaw_lt_15": n15,
+                "bins": bins, "frontalize_helps": [r.to_json() for r in self.helps()],
+                "helps_rule": HELPS_RULE}
 
 
 def gan_fer_frontaliser(model: Frontalizer) -> FerFrontaliser:

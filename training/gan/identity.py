@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
+from torch import Tensor
 
+from training.data.cfp import CfpDataset
 from training.data.dataset import DatasetError
 
-__all__ = ["DlibEmbedder", "Embedder", "all_pairs", "protocol_pairs", "roc_auc", "tar_at_far",
-           "verification_scores"]
+__all__ = ["DlibEmbedder", "Embedder", "all_pairs", "identity_scores", "protocol_pairs", "roc_auc",
+           "tar_at_far", "verification_scores"]
 
 log = logging.getLogger(__name__)
 EVAL_FOLD = 10
@@ -151,3 +154,43 @@ def all_pairs(frontal_ids: np.ndarray, profile_ids: np.ndarray) -> tuple[np.ndar
     fi, pi = np.meshgrid(np.arange(len(frontal_ids)), np.arange(len(profile_ids)), indexing="ij")
     pairs = np.stack([fi.ravel(), pi.ravel()], 1)
     return pairs, frontal_ids[pairs[:, 0]] == profile_ids[pairs[:, 1]]
+
+
+def identity_scores(runs: Mapping[str, Callable[[CfpDataset], Tensor]], data_root: Path, frontal: CfpDataset,
+                    profile: CfpDataset, embedder: Embedder) -> dict[str, Any]:
+    """ROC AUC and TAR@FAR=1% of CFP pairs, raw and through each frontaliser of ``runs``.
+
+    ``runs`` maps a name to a function from CFP crops to uint8 ``(N, S, S)`` frontalised crops.
+    Frontal-profile pairs (FP fold 10, all frontal x profile pairs) keep the real frontal and
+    frontalise the profile; CFP's frontal-frontal fold 10, where its protocol is present,
+    frontalises both photos. All variants share the pairs and the raw embeddings.
+
+    Returns:
+        ``{"embedder": name, pair set: {"same": n, "different": n, "raw": {"auc", "tar_at_far_1pct"},
+        <run name>: {...}}}``.
+    """
+    front_emb = embedder.embed(frontal.images.numpy())
+    raw_emb = embedder.embed(profile.images.numpy())
+    fake_emb = {name: embedder.embed(run(profile).numpy()) for name, run in runs.items()}
+    # name -> (pairs, same, {label: (first member's embeddings, second member's)})
+    pair_sets = {}
+    for name, (pairs, same) in (
+            ("FP fold 10", protocol_pairs(data_root, list(frontal.paths), list(profile.paths))),
+            ("all F x P pairs", all_pairs(frontal.identity.numpy(), profile.identity.numpy()))):
+        variants = {"raw": (front_emb, raw_emb)} | {k: (front_emb, e) for k, e in fake_emb.items()}
+        pair_sets[name] = (pairs, same, variants)
+    if (data_root / "Protocol" / "Split" / "FF").is_dir():
+        pairs, same = protocol_pairs(data_root, list(frontal.paths), list(frontal.paths), split="FF")
+        variants = {"raw": (front_emb, front_emb)}
+        for k, run in runs.items():
+            ff_emb = embedder.embed(run(frontal).numpy())
+            variants[k] = (ff_emb, ff_emb)
+        pair_sets["FF fold 10"] = (pairs, same, variants)
+    result: dict[str, Any] = {"embedder": embedder.name}
+    for name, (pairs, same, variants) in pair_sets.items():
+        entry: dict[str, Any] = {"same": int(same.sum()), "different": int((~same).sum())}
+        for label, (a, b) in variants.items():
+            s = verification_scores(a, b, pairs)
+            entry[label] = {"auc": roc_auc(s, same), "tar_at_far_1pct": tar_at_far(s, same, 0.01)}
+        result[name] = entry
+    return result

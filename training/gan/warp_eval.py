@@ -11,6 +11,11 @@ same inputs the GAN gets:
   found (as for the GAN); faces without landmarks are resized to the output size unchanged.
 
 The output (64x64, the FER framing) is resized to 48 for the classifier exactly as the GAN's.
+
+With a ``frontal_refiner`` checkpoint (:mod:`facemodels.frontalizer.refiner`) the same adapter
+runs the warp -> refine step on the same faces and landmarks, through the inference entry the
+service uses (:func:`facemodels.frontalizer.refiner.frontalize`, which is warp-only when given
+no refiner), so warp-only and the refiner are measured on identical inputs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 
 from facemodels.frontalizer.model import default_cfg, fer_crop_to_input, to_uint8
+from facemodels.frontalizer.refiner import FrontalRefiner, frontalize
 from facemodels.frontalizer.warp import MeshWarp
 from facemodels.preprocess import normalize
 from training.data.cfp import CfpDataset, cfp_fiducials_path, cfp_framing_matrix, read_fiducials
@@ -53,15 +59,21 @@ def cfp_crop_landmarks(data: CfpDataset, detector: Any) -> np.ndarray:
 
 
 class WarpFrontaliser:
-    """:class:`MeshWarp` behind the evaluation's two interfaces (CFP crops and FER faces).
+    """:class:`MeshWarp` (optionally refined) behind the evaluation's two interfaces (CFP crops
+    and FER faces).
 
     Args:
         warp: the warp (its ``size`` should be the CFP crop size, 64).
         cfp_landmarks: ``{CFP image path: (5, 2) landmarks in its crop}`` (missing or NaN: none).
+        refiner: a trained ``frontal_refiner`` run on the warp (``None``: warp-only).
     """
 
-    def __init__(self, warp: MeshWarp, cfp_landmarks: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, warp: MeshWarp, cfp_landmarks: dict[str, np.ndarray] | None = None, *,
+                 refiner: FrontalRefiner | None = None) -> None:
+        if refiner is not None and refiner.cfg.image_size != warp.size:
+            raise ValueError(f"the refiner takes {refiner.cfg.image_size}px, the warp outputs {warp.size}px")
         self.warp = warp
+        self.refiner = refiner
         self.cfp_landmarks = cfp_landmarks or {}
         self.cfg = default_cfg(warp.size)  # the frontaliser's input and output scaling
 
@@ -69,11 +81,12 @@ class WarpFrontaliser:
         has = np.isfinite(landmarks).all((1, 2))
         out = fallback.copy()
         if has.any():
-            out[has] = self.warp.frontalize(np.ascontiguousarray(faces[has]), landmarks[has])
+            out[has] = frontalize(np.ascontiguousarray(faces[has]), landmarks[has], self.refiner,
+                                  warp=self.warp)
         return out
 
     def cfp(self, data: CfpDataset) -> Tensor:
-        """uint8 ``(N, S, S)``: each crop warped to the frontal pose (unchanged where no landmarks)."""
+        """uint8 ``(N, S, S)``: each crop frontalised (unchanged where no landmarks)."""
         if data.size != self.warp.size:
             raise ValueError(f"CFP crops are {data.size}px, the warp outputs {self.warp.size}px")
         lm = np.stack([self.cfp_landmarks.get(p, np.full((5, 2), np.nan)) for p in data.paths]) \
@@ -82,7 +95,8 @@ class WarpFrontaliser:
         return torch.from_numpy(self._warp_some(faces, lm, faces))
 
     def fer(self, faces: Tensor, landmarks: list[np.ndarray | None], out_size: int) -> tuple[Tensor, Tensor]:
-        """A :data:`~training.gan.fer_eval.FerFrontaliser`: 48x48 faces -> warped, resized to ``out_size``."""
+        """A :data:`~training.gan.fer_eval.FerFrontaliser`: 48x48 faces -> frontalised, resized to
+        ``out_size`` (faces without landmarks: only resized to ``S`` and back)."""
         s = self.warp.size
         arr = faces.numpy()
         lm = np.stack([np.asarray(p, dtype=np.float64) if p is not None else np.full((5, 2), np.nan)

@@ -88,6 +88,10 @@ def test_eval_cli_pose_and_sheet(make_cfp_tree: Callable[..., Path], tiny_nets: 
     assert rc == 0 and sheet.stat().st_size > 500
     out = json.loads((tmp_path / "g" / "final_eval.json").read_text())
     assert 0 <= out["cfp_pose_accuracy"] <= 1
+    # the DR-GAN is measured beside warp-only, against the same bars (unmeasured ones: no verdict)
+    assert out["frontaliser"] == "frontalizer" and set(out["rows"]) == {"raw", "warp-only", "drgan"}
+    assert [b["bar"] for b in out["bars"]] == list(range(1, 9))
+    assert all(set(b["pass"]) == {"warp-only", "drgan"} for b in out["bars"])
     card = json.loads(ckpt.with_suffix(".json").read_text())
     assert "CFP-eval-ids-451-500" in card["metrics"]
 
