@@ -6,13 +6,17 @@ alternating between the servers pass by pass. It prints one table with throughpu
 latency and the mean batch size (from the server's own metrics).
 A configuration is a backend (``--backends``, ``FER_BACKEND``), an intra-op thread count
 (``--threads``, ``FER_TORCH_THREADS``), an HTTP stack (``--stacks LOOP/HTTP``, ``fer-serve
---loop/--http``) and batching: ``FER_MAX_BATCH_SIZE`` = 32, then 1 unless ``--no-unbatched``.
+--loop/--http``), a variant (``--variants LABEL:NAME=VALUE,...``: more server environment, and
+with ``--tree LABEL=DIR`` another source tree, e.g. the last commit's, to run before and after side
+by side) and batching: ``FER_MAX_BATCH_SIZE`` = 32, then 1 unless ``--no-unbatched``.
 The table ends with each configuration's throughput and p50 as a ratio to the first one's.
 Compare configurations within one run. Not a test.
 
     python benchmarks/load.py --clients 16 --seconds 20
     python benchmarks/load.py --detect false --size 48x48 --stacks asyncio/h11 uvloop/httptools
     python benchmarks/load.py --backends onnx --threads 1 2 --clients 1 8 --size 640x480 --no-unbatched
+    git archive HEAD | tar -x -C /tmp/before    # (an empty /tmp/before)
+    python benchmarks/load.py --no-unbatched --variants before after --tree before=/tmp/before
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, env: dict[str, str], stack: str = "auto/auto") -> subprocess.Popen:
+def start_server(port: int, env: dict[str, str], stack: str = "auto/auto", tree: Path = ROOT
+                 ) -> subprocess.Popen:
+    """``fer-serve`` on loopback, run from the source tree ``tree`` (its ``service`` package)."""
     loop, http = stack.split("/")
     cmd = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", "--loop", loop, "--http", http]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+    proc = subprocess.Popen(cmd, cwd=tree, env={**os.environ, **env})
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -170,8 +176,11 @@ def batch_totals(port: int) -> tuple[float, float]:
     return vals.get("fer_batch_size_sum", 0.0), vals.get("fer_batch_size_count", 0.0)
 
 
-def measure(configs: list[tuple[str, dict[str, str], str]], args: argparse.Namespace,
-            photos: list[bytes]) -> list[dict]:
+Config = tuple[str, dict[str, str], str, Path]
+"""(label, server environment, loop/http, source tree)."""
+
+
+def measure(configs: list[Config], args: argparse.Namespace, photos: list[bytes]) -> list[dict]:
     """Every configuration's server runs side by side; passes alternate between them.
 
     Each round runs every client count against every server for ``--seconds``, so all the
@@ -180,9 +189,9 @@ def measure(configs: list[tuple[str, dict[str, str], str]], args: argparse.Names
     """
     servers = []
     try:
-        for label, env, stack in configs:
+        for label, env, stack, tree in configs:
             port = free_port()
-            servers.append((label, port, start_server(port, env, stack)))
+            servers.append((label, port, start_server(port, env, stack, tree)))
         for _, port, _ in servers:  # warm-up
             asyncio.run(run_clients(f"http://127.0.0.1:{port}/predict?detect={args.detect}", photos,
                                     max(args.clients), min(3.0, args.seconds), client=args.client))
@@ -223,21 +232,53 @@ def measure(configs: list[tuple[str, dict[str, str], str]], args: argparse.Names
     return rows
 
 
-def configurations(args: argparse.Namespace) -> list[tuple[str, dict[str, str], str]]:
-    """(label, server environment, loop/http) for every combination asked for."""
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``LABEL`` or ``LABEL:NAME=VALUE[,NAME=VALUE...]`` -> (label, extra server environment)."""
+    label, _, assignments = spec.partition(":")
+    env = {}
+    for item in filter(None, assignments.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"--variants: {item!r} in {spec!r} is not NAME=VALUE")
+        env[name] = value
+    if not label:
+        raise argparse.ArgumentTypeError(f"--variants: {spec!r} has no label")
+    return label, env
+
+
+def parse_tree(spec: str) -> tuple[str, Path]:
+    """``LABEL=DIR`` -> (variant label, source tree)."""
+    label, sep, folder = spec.partition("=")
+    tree = Path(folder).resolve()
+    if not sep or not (tree / "service" / "cli.py").is_file():
+        raise argparse.ArgumentTypeError(f"--tree: {spec!r} is not LABEL=DIR with DIR/service/cli.py")
+    return label, tree
+
+
+def configurations(args: argparse.Namespace) -> list[Config]:
+    """(label, server environment, loop/http, source tree) for every combination asked for."""
+    trees = dict(args.tree)
+    unknown = set(trees) - {label for label, _ in args.variants}
+    if unknown:
+        raise SystemExit(f"--tree names no --variants label: {', '.join(sorted(unknown))}")
     out = []
-    for backend in args.backends:
-        for threads in args.threads:
-            for stack in args.stacks:
-                env = {**({"FER_BACKEND": backend} if backend else {}),
-                       **({"FER_TORCH_THREADS": str(threads)} if threads is not None else {})}
-                tag = " ".join(t for t in (backend, None if threads is None else f"{threads}t",
-                                           None if stack == "auto/auto" else stack) if t)
-                tag = f"{tag} " if tag else ""
-                out.append((f"{tag}batched", {**env, "FER_MAX_BATCH_SIZE": str(args.max_batch)}, stack))
-                if not args.no_unbatched:
-                    out.append((f"{tag}unbatched", {**env, "FER_MAX_BATCH_SIZE": "1",
-                                                    "FER_DETECTOR_BATCH_SIZE": "1"}, stack))
+    for variant, extra in args.variants:
+        tree = trees.get(variant, ROOT)
+        for backend in args.backends:
+            for threads in args.threads:
+                for stack in args.stacks:
+                    env = {**({"FER_BACKEND": backend} if backend else {}),
+                           **({"FER_TORCH_THREADS": str(threads)} if threads is not None else {}),
+                           **extra}
+                    tag = " ".join(t for t in (variant or None, backend,
+                                               None if threads is None else f"{threads}t",
+                                               None if stack == "auto/auto" else stack) if t)
+                    tag = f"{tag} " if tag else ""
+                    out.append((f"{tag}batched", {**env, "FER_MAX_BATCH_SIZE": str(args.max_batch)},
+                                stack, tree))
+                    if not args.no_unbatched:
+                        out.append((f"{tag}unbatched", {**env, "FER_MAX_BATCH_SIZE": "1",
+                                                        "FER_DETECTOR_BATCH_SIZE": "1"}, stack, tree))
     return out
 
 
@@ -258,6 +299,13 @@ def main() -> None:
                    help="fer-serve --loop/--http per server, e.g. asyncio/h11 uvloop/httptools")
     p.add_argument("--size", default=None, help="letterbox the photos to WxH, e.g. 640x480 or 48x48")
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 servers")
+    p.add_argument("--variants", nargs="+", type=parse_variant, default=[("", {})],
+                   metavar="LABEL[:NAME=VALUE,...]",
+                   help="servers that differ by environment, e.g. wait5:FER_MAX_WAIT_MS=5 "
+                        "wait0:FER_MAX_WAIT_MS=0 (each with every other option)")
+    p.add_argument("--tree", nargs="+", type=parse_tree, default=[], metavar="LABEL=DIR",
+                   help="run a variant's servers from another source tree, e.g. a `git archive HEAD` "
+                        "unpacked in /tmp/before, to measure before and after side by side")
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="raw: keep-alive HTTP/1.1 on asyncio streams (cheap); httpx: httpx.AsyncClient, "
                         "as before 2026-12-02 (1.7 ms of CPU a request, two thirds of the server's)")

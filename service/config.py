@@ -88,9 +88,26 @@ class Settings(BaseSettings):
                              "CPU too; more threads shorten one request on an idle machine but "
                              "oversubscribe the cores under concurrent load (docs/results.md: HTTP path and "
                              "intra-op threads)")
+    ort_spinning: bool = Field(
+        False, description="FER_ORT_SPINNING, onnx backend: whether ONNX Runtime's intra-op and inter-op "
+                           "worker threads spin (busy-wait) for work between operators instead of "
+                           "sleeping. Spinning shaves a little latency on an idle machine but burns "
+                           "the cores the other model and the event loop need under load (2 threads "
+                           "on 2 busy cores: 96 ms per 640x480 detection without, 136-168 ms with; "
+                           "docs/results.md, CPU backend). No effect at 1 thread per model")
 
     max_batch_size: int = Field(32, ge=1, le=1024)
-    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="timer starts at the first queued item")
+    max_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="FER_MAX_WAIT_MS: batches form while a model is busy: what "
+                                        "queued during one batch is the next, taken the moment it "
+                                        "ends, and a request that finds the model idle and nobody "
+                                        "queued runs at once. Only a batch that already holds "
+                                        "several requests waits for more, at most this long after "
+                                        "its first request arrived. 0 (the default) never waits, "
+                                        "the fastest on CPU (docs/results.md, HTTP path and "
+                                        "intra-op threads); a GPU, where a larger batch costs "
+                                        "little more, may gain from a few ms (Dockerfile.cuda "
+                                        "sets 5)")
     max_queue: int = Field(1024, ge=1, description="queued faces per model before 503")
     detector_batch_size: int = Field(8, ge=1, le=64)
 
@@ -153,6 +170,14 @@ class Settings(BaseSettings):
                           "(then give the scraper the header)")
     cors_origins: list[str] = Field(default_factory=list)
     warmup: bool = Field(True, description="run each model once before reporting ready")
+    otel: bool = Field(
+        False, description="FER_OTEL: FastAPI's own OpenTelemetry (FastAPI versions with "
+                           "FastAPI(telemetry=...)): true records a span, HTTP metrics and error logs "
+                           "per request into the OpenTelemetry providers the process has set up (e.g. "
+                           "opentelemetry-sdk with FASTAPI_OTEL_AUTO_CONFIGURE=true and OTEL_* "
+                           "variables); false (the default) turns it off, which also saves its "
+                           "per-request look at the providers. Prometheus metrics (/metrics) are "
+                           "separate and always on")
     timeout_headers_s: float = Field(
         10.0, gt=0, description="FER_TIMEOUT_HEADERS_S: a connection whose request headers are not "
                                 "complete this long after it opened (or after its previous response) "

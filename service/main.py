@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # served by service.api.docs instead: assets from here, and behind the API key
         openapi_url=None, docs_url=None, redoc_url=None,
+        **_telemetry(settings),
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -100,6 +102,20 @@ def _key_guard(settings: Settings) -> dict[str, Any]:
     if settings.api_key is None:
         return {}
     return {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
+
+
+def _telemetry(settings: Settings) -> dict[str, Any]:
+    """``FastAPI`` arguments for its own OpenTelemetry: off unless ``FER_OTEL``. Off, it skips
+    the check of the global providers (and their environment) that it makes on every request.
+    FastAPI releases before native telemetry take no ``telemetry`` argument and have none to
+    turn off."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        if settings.otel:
+            log.warning("FER_OTEL=true, but this FastAPI has no built-in OpenTelemetry to turn on")
+        return {}
+    if settings.otel:
+        return {}  # FastAPI's defaults: on wherever a provider is configured
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def _version() -> str:

@@ -101,6 +101,8 @@ class RetinaFaceDetector:
         cache_dir: cache root for the ONNX file (``onnx`` backend);
             :func:`~facemodels.cache.default_cache_root` when ``None``.
         threads: ONNX Runtime intra-op threads (``onnx`` backend; 0 = one per core).
+        spinning: whether ONNX Runtime's idle worker threads busy-wait (``onnx`` backend; see
+            :func:`facemodels.onnx_export.create_session`).
 
     Raises:
         DetectorWeightsError: the weights file is missing, corrupt or mismatched.
@@ -121,6 +123,7 @@ class RetinaFaceDetector:
         backend: str = "torch",
         cache_dir: Path | None = None,
         threads: int = 1,
+        spinning: bool = False,
     ) -> None:
         if max_side is not None and max_side < _ALIGN:
             raise ValueError(f"max_side must be at least {_ALIGN}, got {max_side}")
@@ -147,7 +150,7 @@ class RetinaFaceDetector:
         if backend == "onnx":
             self.onnx_path = cached_detector_onnx(self.weights, cache_dir or default_cache_root(),
                                                   net=self.net)
-            self._session = create_session(self.onnx_path, threads=threads)
+            self._session = create_session(self.onnx_path, threads=threads, spinning=spinning)
         log.info("RetinaFace detector loaded from %s on %s (%s)", self.weights, self.device, backend)
 
     @classmethod

@@ -10,10 +10,15 @@ Usage::
     await batcher.stop()
 
 Requests from concurrent callers wait in one bounded queue. A single worker task cuts the
-queue into batches with :func:`collect` (at ``max_batch_size`` items, or ``max_wait_ms`` after
-the *first* queued item was enqueued) and runs ``fn(batch)`` in a thread executor, so the event
+queue into batches with :func:`collect` and runs ``fn(batch)`` in a thread executor, so the event
 loop never blocks on the model. Each output goes back to the future of the caller that
 submitted the matching input.
+
+Batches form while the model is busy: whatever queued during one call of ``fn`` (up to
+``max_batch_size``) is the next batch, taken the moment the call returns. A caller that finds the
+model idle and nobody else queued runs at once, so a lone request never waits for company.
+Only a batch that already holds items of several callers (concurrent load) waits for more, at
+most ``max_wait_ms`` after its first item was enqueued.
 
 Failure model:
 
@@ -38,7 +43,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -128,28 +133,43 @@ T = TypeVar("T", bound=Timestamped)
 
 @dataclass(slots=True, eq=False)
 class QueuedItem(Generic[In, Out]):
-    """One submitted input, the future its caller awaits, and its enqueue time (``loop.time()``)."""
+    """One submitted input, the future its caller awaits, its enqueue time (``loop.time()``) and
+    the submission it came in (all the items of one :meth:`DynamicBatcher.submit_many` share it)."""
 
     value: In
     future: asyncio.Future[Out]
     enqueued_at: float
+    submission: int = 0
 
 
-async def collect(queue: asyncio.Queue[T], max_batch_size: int, max_wait: float) -> list[T]:
+def _submission(item: QueuedItem[Any, Any]) -> int:
+    return item.submission
+
+
+async def collect(
+    queue: asyncio.Queue[T],
+    max_batch_size: int,
+    max_wait: float,
+    *,
+    caller: Callable[[T], Hashable] | None = None,
+) -> list[T]:
     """Take the next batch off ``queue``.
 
-    Waits without a deadline for the first item. The deadline is then the first item's
-    ``enqueued_at`` plus ``max_wait``, on the running loop's monotonic clock (``loop.time()``),
-    so an item that already waited (e.g. while the previous batch was computing) is not kept
-    waiting a second time. Returns as soon as ``max_batch_size`` items are collected or the
-    deadline passes; items already queued are always taken, up to ``max_batch_size``, even
-    after the deadline.
+    Waits without a deadline for the first item, then takes every item already queued, up to
+    ``max_batch_size``. If those items all come from one caller, that batch is returned at once:
+    nobody else is in flight, so a lone caller never waits for company. Otherwise (concurrent
+    callers, so more are likely on their way) it waits for more until ``max_batch_size`` items
+    are collected or the deadline passes. The deadline is the first item's ``enqueued_at`` plus
+    ``max_wait``, on the running loop's monotonic clock (``loop.time()``), so an item that already
+    waited (e.g. while the previous batch was computing) is not kept waiting a second time; items
+    already queued are always taken, up to ``max_batch_size``, even after the deadline.
 
     Args:
         queue: Items with an ``enqueued_at`` attribute stamped with ``loop.time()``.
         max_batch_size: Most items in one batch (at least 1).
-        max_wait: Seconds a batch may wait for more items, counted from its first item's
-            enqueue time.
+        max_wait: Seconds a batch of several callers' items may wait for more, counted from its
+            first item's enqueue time.
+        caller: Which caller (submission) an item belongs to; ``None``: each item is its own.
 
     Returns:
         Between 1 and ``max_batch_size`` items, in queue order.
@@ -159,8 +179,12 @@ async def collect(queue: asyncio.Queue[T], max_batch_size: int, max_wait: float)
     loop = asyncio.get_running_loop()
     first = await queue.get()
     batch = [first]
+    while len(batch) < max_batch_size and not queue.empty():
+        batch.append(queue.get_nowait())
+    key = caller if caller is not None else id
+    alone = all(key(item) == key(first) for item in batch)
     deadline = first.enqueued_at + max_wait
-    while len(batch) < max_batch_size:
+    while not alone and len(batch) < max_batch_size:
         try:
             batch.append(queue.get_nowait())
             continue
@@ -184,7 +208,8 @@ class DynamicBatcher(Generic[In, Out]):
             one output per input, in order. It runs in ``executor``, off the event loop.
         name: Label for logs and the observer (e.g. ``"classifier"``).
         max_batch_size: Most items per call of ``fn``.
-        max_wait_ms: Longest a batch waits for more items, from its first item's enqueue time.
+        max_wait_ms: Longest a batch that holds several callers' items waits for more, from its
+            first item's enqueue time (see :func:`collect`; a lone caller never waits).
         max_queue: Most items waiting (not yet taken into a batch); more raise
             :class:`QueueFullError`.
         observer: Receives batch, queue-depth and error measurements.
@@ -223,6 +248,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._pending: set[asyncio.Future[Any]] = set()
         self._accepting = False
         self._compute_ema_s: float | None = None
+        self._submissions = 0
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -366,12 +392,13 @@ class DynamicBatcher(Generic[In, Out]):
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
+        self._submissions += 1
         futures: list[asyncio.Future[Out]] = []
         for value in values:
             future: asyncio.Future[Out] = loop.create_future()
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
-            queue.put_nowait(QueuedItem(value, future, now))
+            queue.put_nowait(QueuedItem(value, future, now, self._submissions))
             futures.append(future)
         self._notify("on_queue_depth", self.name, queue.qsize())
         return futures
@@ -386,7 +413,7 @@ class DynamicBatcher(Generic[In, Out]):
     # ---------------------------------------------------------------------- worker
     async def _run(self, queue: asyncio.Queue[QueuedItem[In, Out]]) -> None:
         while True:
-            batch = await collect(queue, self.max_batch_size, self.max_wait)
+            batch = await collect(queue, self.max_batch_size, self.max_wait, caller=_submission)
             self._notify("on_queue_depth", self.name, queue.qsize())
             # A separate, shielded task: cancelling the worker (stop) lets the batch finish.
             self._inflight = asyncio.ensure_future(self._process(queue, batch))

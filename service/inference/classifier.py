@@ -85,7 +85,7 @@ class Classifier:
 
     def __init__(self, path: Path, *, name: str, role: str, device: torch.device,
                  backend: str = "torch", cache_dir: Path | None = None, threads: int = 1,
-                 int8: str = "auto") -> None:
+                 spinning: bool = False, int8: str = "auto") -> None:
         self.path = Path(path)
         self.name, self.role, self.device, self.backend = name, role, device, backend
         self.model, self.card = load_checkpoint(path, device=device)
@@ -107,7 +107,7 @@ class Classifier:
             else:
                 self.onnx_path = cached_classifier_onnx(path, cache_dir or default_cache_root(),
                                                         model=self.model)
-            self._session = create_session(self.onnx_path, threads=threads)
+            self._session = create_session(self.onnx_path, threads=threads, spinning=spinning)
         elif backend != "torch":
             raise ValueError(f"backend must be torch or onnx, got {backend!r}")
         log.info("loaded classifier %s (%s) from %s on %s (%s, %s)", name, self.arch, path, device, backend,

@@ -24,7 +24,8 @@ Memory (see :func:`configure_decoding`, set from ``FER_DECODE_*`` by the app):
 
 - a process-wide :class:`PixelBudget` bounds the pixels being decoded at once across all
   requests: a decode waits until its pixels fit (an image larger than the whole budget runs
-  alone);
+  alone). Small images (:func:`decode_small_image`, up to 128x128) are decoded on the event loop
+  outside it;
 - an image whose long side exceeds ``reduce_min_side`` is decoded reduced, never below that long
   side: a JPEG straight to 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's ``draft``), any
   other format by an integer box reduction before the RGB array is made. The detector shrinks it
@@ -60,6 +61,8 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_PIXEL_BUDGET",
+    "SMALL_IMAGE_BYTES",
+    "SMALL_IMAGE_PIXELS",
     "SNIFF_CONTENT_TYPES",
     "SUPPORTED_CONTENT_TYPES",
     "SUPPORTED_FORMATS",
@@ -76,6 +79,7 @@ __all__ = [
     "check_content_type",
     "configure_decoding",
     "decode_image",
+    "decode_small_image",
     "encode_png",
     "image_scale",
     "original_size",
@@ -103,6 +107,13 @@ SUPPORTED_CONTENT_TYPES: frozenset[str] = frozenset(
 
 SNIFF_CONTENT_TYPES: frozenset[str] = frozenset({"", "application/octet-stream"})
 """Declared types that say nothing about the format: the bytes are sniffed. ``None`` counts too."""
+
+SMALL_IMAGE_BYTES = 64 * 1024
+"""Largest upload :func:`decode_small_image` decodes (on the event loop)."""
+
+SMALL_IMAGE_PIXELS = 128 * 128
+"""Most pixels :func:`decode_small_image` decodes: about 0.2 ms for a 48x48 JPEG, 0.4 ms for
+128x128 here, against 1.3 ms at 256x256."""
 
 
 class ImageError(Exception):
@@ -416,6 +427,46 @@ def decode_image(
     Raises:
         ImageError: a subclass whose ``status``/``code`` say what went wrong (see module docs).
     """
+    with _open_checked(data, content_type=content_type, max_bytes=max_bytes,
+                       max_pixels=max_pixels) as image:
+        return _decode_opened(image, size=len(data), max_pixels=max_pixels, budget=_budget)
+
+
+def decode_small_image(
+    data: bytes,
+    *,
+    content_type: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    small_bytes: int = SMALL_IMAGE_BYTES,
+    small_pixels: int = SMALL_IMAGE_PIXELS,
+) -> np.ndarray | None:
+    """:func:`decode_image` for an image small enough to decode on the event loop, else ``None``.
+
+    An upload of at most ``small_bytes`` whose header declares at most ``small_pixels`` pixels
+    (a face crop of up to 128x128, a fraction of a millisecond) is validated and decoded here, by
+    the same checks as :func:`decode_image`, outside the :class:`PixelBudget` (a thread's wait for
+    it must never block the event loop; such an image is at most 48 KB of pixels). Anything larger
+    returns ``None`` before a pixel is decoded: pass it to :func:`decode_image` in a worker thread.
+    Invalid bytes of at most ``small_bytes`` raise at once, as :func:`decode_image` would.
+
+    Raises:
+        ImageError: as :func:`decode_image`.
+    """
+    if len(data) > min(small_bytes, max_bytes):
+        return None
+    with _open_checked(data, content_type=content_type, max_bytes=max_bytes,
+                       max_pixels=max_pixels) as image:
+        width, height = image.size
+        if width * height > small_pixels:
+            return None
+        return _decode_opened(image, size=len(data), max_pixels=max_pixels, budget=None)
+
+
+def _open_checked(data: bytes, *, content_type: str | None, max_bytes: int,
+                  max_pixels: int) -> Image.Image:
+    """Checks 1-6 of the module docs on ``data``: the opened image (its header parsed, no pixels
+    decoded; close it), or an :class:`ImageError`."""
     size = len(data)
     if size > max_bytes:
         raise PayloadTooLargeError(f"body is {size} bytes, more than the limit of {max_bytes} bytes")
@@ -450,7 +501,7 @@ def decode_image(
             f"body ({size} bytes, declared content type {declared}) is not a readable image: {exc}"
         ) from exc
 
-    with image:
+    try:
         fmt = image.format or "unknown"
         if fmt not in SUPPORTED_FORMATS:
             raise UnsupportedMediaTypeError(
@@ -463,21 +514,33 @@ def decode_image(
         if width * height > max_pixels:
             logger.info("rejected %s of %dx%d pixels (limit %d)", fmt, width, height, max_pixels)
             raise _bomb_error(width, height, max_pixels)
+    except BaseException:
+        image.close()
+        raise
+    return image
 
-        factor = _reduction(width, height, _reduce_min_side)
-        if factor > 1 and fmt == "JPEG":
-            # libjpeg decodes straight to 1/2, 1/4 or 1/8 scale, no smaller than asked.
-            image.draft("RGB", (-(-width // factor), -(-height // factor)))
-        decoded_w, decoded_h = image.size
-        pixels = decoded_w * decoded_h
-        budget = _budget
+
+def _decode_opened(image: Image.Image, *, size: int, max_pixels: int,
+                   budget: PixelBudget | None) -> np.ndarray:
+    """Checks 7-8 of the module docs: the pixels of an image :func:`_open_checked` accepted,
+    decoded while holding their share of ``budget`` (``None``: outside any budget)."""
+    fmt = image.format or "unknown"
+    width, height = image.size
+    factor = _reduction(width, height, _reduce_min_side)
+    if factor > 1 and fmt == "JPEG":
+        # libjpeg decodes straight to 1/2, 1/4 or 1/8 scale, no smaller than asked.
+        image.draft("RGB", (-(-width // factor), -(-height // factor)))
+    decoded_w, decoded_h = image.size
+    pixels = decoded_w * decoded_h
+    if budget is not None:
         budget.acquire(pixels)
-        try:
-            array, orientation = _load_rgb(image, fmt, width, height, size, max_pixels)
-        finally:
+    try:
+        array, orientation = _load_rgb(image, fmt, width, height, size, max_pixels)
+    finally:
+        if budget is not None:
             budget.release(pixels)
-            if pixels >= _TRIM_AFTER_PIXELS:
-                release_memory()
+        if pixels >= _TRIM_AFTER_PIXELS:
+            release_memory()
 
     full = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     if (array.shape[1], array.shape[0]) != full:

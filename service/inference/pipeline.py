@@ -168,7 +168,8 @@ class InferenceEngine:
         s = self.settings
         # Both backends get the same intra-op thread count: FER_TORCH_THREADS, else
         # default_threads() (half the usable cores).
-        runtime = dict(backend=self.backend, cache_dir=s.cache_dir, threads=self.threads)
+        runtime = dict(backend=self.backend, cache_dir=s.cache_dir, threads=self.threads,
+                       spinning=s.ort_spinning)
         kwargs = dict(device=self.device, score_threshold=s.detection_threshold,
                       min_face_size=s.min_face_size, max_side=s.detector_max_side, **runtime)
         if s.detector_weights is not None:

@@ -65,6 +65,26 @@ def test_every_registered_classifier_exports_with_a_dynamic_batch(arch: str, tmp
         np.testing.assert_allclose(got, _torch_probs(model, x), atol=CLASSIFIER_ATOL, rtol=0)
 
 
+def _spinning(session: object) -> dict[str, str]:
+    opts = session.get_session_options()  # type: ignore[attr-defined]
+    return {pool: opts.get_session_config_entry(f"session.{pool}.allow_spinning")
+            for pool in ("intra_op", "inter_op")}
+
+
+def test_session_threads_sleep_unless_spinning_is_asked_for(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("compact_resnet_s").eval()
+    path = tmp_path / "clf.onnx"
+    export_classifier(model, path, verify=False)
+    x = torch.randn(3, model.cfg.in_chans, model.cfg.input_size, model.cfg.input_size)
+    for spinning, flag in ((False, "0"), (True, "1")):
+        session = create_session(path, threads=2, spinning=spinning)
+        assert _spinning(session) == {"intra_op": flag, "inter_op": flag}
+        (got,) = session.run(["probs"], {"input": x.numpy()})
+        np.testing.assert_allclose(got, _torch_probs(model, x), atol=CLASSIFIER_ATOL, rtol=0)
+    assert _spinning(create_session(path)) == {"intra_op": "0", "inter_op": "0"}
+
+
 def test_a_custom_cfg_exports_too(tmp_path: Path) -> None:
     """Three channels, three classes, a 40-pixel crop: the graph follows the card's ModelCfg."""
     cfg = ModelCfg(image_size=48, input_size=40, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3,

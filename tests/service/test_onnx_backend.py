@@ -46,6 +46,21 @@ def test_onnx_backend_on_cuda_is_a_startup_error(make_settings, monkeypatch: pyt
     assert create_app(make_settings(backend="auto", device="cuda")).state.engine.backend == "torch"
 
 
+def test_ort_spinning_setting_reaches_every_session(make_settings, monkeypatch: pytest.MonkeyPatch,
+                                                    face_jpeg: bytes) -> None:
+    assert Settings().ort_spinning is False
+    monkeypatch.setenv("FER_ORT_SPINNING", "true")
+    assert Settings().ort_spinning is True
+    for spinning, flag in ((False, "0"), (True, "1")):
+        settings = make_settings(backend="onnx", torch_threads=2, ort_spinning=spinning, int8="off")
+        with TestClient(create_app(settings)) as c:
+            engine = c.app.state.engine
+            sessions = [engine.detector._session, *(clf._session for clf in engine.classifiers.values())]
+            assert {s.get_session_options().get_session_config_entry(f"session.{pool}.allow_spinning")
+                    for s in sessions for pool in ("intra_op", "inter_op")} == {flag}
+            assert len(_faces(c, face_jpeg, "model=default")) == 1
+
+
 @pytest.fixture(scope="module")
 def shipped_settings(detector_weights: Path, tmp_path_factory: pytest.TempPathFactory):
     cache = tmp_path_factory.mktemp("onnx-app-cache")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,17 +165,54 @@ def test_collect_stale_first_item_small_waits() -> None:
     run(main())
 
 
-def test_collect_waits_for_first_item_then_until_deadline() -> None:
+def test_collect_waits_for_first_item_then_returns_a_lone_item_at_once() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Stamped] = asyncio.Queue()
-        task = asyncio.create_task(collect(queue, 8, 0.05))
-        await asyncio.sleep(0.1)  # longer than max_wait: an empty queue has no deadline
+        task = asyncio.create_task(collect(queue, 8, 30.0))
+        await asyncio.sleep(0.1)  # an empty queue has no deadline
         assert not task.done()
         queue.put_nowait(Stamped(0, loop.time()))
         batch = await task
         assert [item.value for item in batch] == [0]
+        # nobody else queued: no wait for company, although max_wait is 30 s
+        assert loop.time() - batch[0].enqueued_at < 1.0
+
+    run(main())
+
+
+def test_collect_with_company_waits_until_deadline() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Stamped] = asyncio.Queue()
+        queue.put_nowait(Stamped(0, loop.time()))
+        queue.put_nowait(Stamped(1, loop.time()))  # a second caller: more are likely on their way
+        batch = await collect(queue, 8, 0.05)
+        assert [item.value for item in batch] == [0, 1]
         assert loop.time() - batch[0].enqueued_at >= 0.045  # waited (about) max_wait for more
+
+    run(main())
+
+
+def test_collect_one_callers_items_are_alone() -> None:
+    """Several items of one caller (e.g. the faces of one image) are not company."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Stamped] = asyncio.Queue()
+        for i in range(3):
+            queue.put_nowait(Stamped(i, loop.time()))
+        batch = await collect(queue, 8, 30.0, caller=lambda item: "one caller")
+        assert [item.value for item in batch] == [0, 1, 2]
+        assert loop.time() - batch[0].enqueued_at < 1.0
+
+        for i in range(3):
+            queue.put_nowait(Stamped(i, loop.time()))
+        task = asyncio.create_task(collect(queue, 4, 30.0, caller=lambda item: "aab"[item.value]))
+        await asyncio.sleep(0.05)
+        assert not task.done()  # two callers: it waits for a fourth item
+        queue.put_nowait(Stamped(3, loop.time()))
+        assert [item.value for item in await task] == [0, 1, 2, 3]
 
     run(main())
 
@@ -184,11 +222,12 @@ def test_collect_gathers_items_arriving_before_deadline() -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Stamped] = asyncio.Queue()
         queue.put_nowait(Stamped(0, loop.time()))
-        task = asyncio.create_task(collect(queue, 2, 30.0))
+        queue.put_nowait(Stamped(1, loop.time()))  # two callers: it waits for more
+        task = asyncio.create_task(collect(queue, 3, 30.0))
         await asyncio.sleep(0.01)
         assert not task.done()
-        queue.put_nowait(Stamped(1, loop.time()))  # completes the batch long before the deadline
-        assert [item.value for item in await task] == [0, 1]
+        queue.put_nowait(Stamped(2, loop.time()))  # completes the batch long before the deadline
+        assert [item.value for item in await task] == [0, 1, 2]
 
     run(main())
 
@@ -211,6 +250,47 @@ def test_concurrent_submits_share_batches() -> None:
             assert [await task for task in tasks] == [2 * i for i in range(10)]
         assert model.sizes == [1, 4, 4, 2]
         assert model.seen[1:] == list(range(10))
+
+    run(main())
+
+
+def test_lone_request_does_not_wait_for_company() -> None:
+    """max_wait 200 ms: a lone submission, and a lone submit_many, run at once."""
+
+    async def main() -> None:
+        model = Model()
+        loop = asyncio.get_running_loop()
+        async with DynamicBatcher(model, name="t", max_batch_size=8, max_wait_ms=200) as batcher:
+            await batcher.submit(0)  # the executor thread's first start is not measured
+            took = []
+            for x in range(5):
+                started = loop.time()
+                assert await batcher.submit(x) == 2 * x
+                took.append(loop.time() - started)
+            started = loop.time()
+            assert await batcher.submit_many([1, 2, 3]) == [2, 4, 6]
+            took.append(loop.time() - started)
+        assert max(took) < 0.1, took  # waiting for company would take 200 ms each
+        assert model.sizes == [1] * 6 + [3]
+
+    run(main())
+
+
+def test_concurrent_requests_are_still_batched() -> None:
+    """Clients that submit again as soon as answered: batches form while the model computes."""
+
+    async def main() -> None:
+        model = Model()
+        slow = lambda items: (time.sleep(0.005), model(items))[1]  # noqa: E731
+        async with DynamicBatcher(slow, name="t", max_batch_size=32, max_wait_ms=0) as batcher:
+
+            async def client(x: int) -> None:
+                for k in range(10):
+                    assert await batcher.submit(x + k) == 2 * (x + k)
+
+            await asyncio.gather(*(client(100 * c) for c in range(8)))
+        assert sum(model.sizes) == 80
+        assert sum(model.sizes) / len(model.sizes) > 3  # about 8 once the clients are in step
 
     run(main())
 
