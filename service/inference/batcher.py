@@ -223,7 +223,7 @@ class DynamicBatcher(Generic[In, Out]):
         *,
         name: str,
         max_batch_size: int,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 1024,
         observer: BatchObserver | None = None,
         executor: Executor | None = None,

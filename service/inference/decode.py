@@ -24,8 +24,8 @@ Memory (see :func:`configure_decoding`, set from ``FER_DECODE_*`` by the app):
 
 - a process-wide :class:`PixelBudget` bounds the pixels being decoded at once across all
   requests: a decode waits until its pixels fit (an image larger than the whole budget runs
-  alone). Small images (:func:`decode_small_image`, up to 128x128) are decoded on the event loop
-  outside it;
+  alone). Small images (:func:`decode_small_image`, up to 128x128, plain PNG or JPEG) are decoded on
+  the event loop outside it;
 - an image whose long side exceeds ``reduce_min_side`` is decoded reduced, never below that long
   side: a JPEG straight to 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's ``draft``), any
   other format by an integer box reduction before the RGB array is made. The detector shrinks it
@@ -56,6 +56,8 @@ from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from service.inference.cheap_image import is_plainly_cheap
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -444,16 +446,19 @@ def decode_small_image(
     """:func:`decode_image` for an image small enough to decode on the event loop, else ``None``.
 
     An upload of at most ``small_bytes`` whose header declares at most ``small_pixels`` pixels
-    (a face crop of up to 128x128, a fraction of a millisecond) is validated and decoded here, by
-    the same checks as :func:`decode_image`, outside the :class:`PixelBudget` (a thread's wait for
-    it must never block the event loop; such an image is at most 48 KB of pixels). Anything larger
-    returns ``None`` before a pixel is decoded: pass it to :func:`decode_image` in a worker thread.
+    (a face crop of up to 128x128, a fraction of a millisecond), and whose bytes are a plainly
+    ordinary PNG or JPEG (:func:`~service.inference.cheap_image.is_plainly_cheap`: no text chunks or
+    runs of markers, which can take tens of milliseconds to parse), is validated and decoded here,
+    by the same checks as :func:`decode_image`, outside the :class:`PixelBudget` (a thread's wait
+    for it must never block the event loop; such an image is at most 48 KB of pixels). Anything
+    else returns ``None`` before a pixel is decoded: pass it to :func:`decode_image` in a worker
+    thread.
     Invalid bytes of at most ``small_bytes`` raise at once, as :func:`decode_image` would.
 
     Raises:
         ImageError: as :func:`decode_image`.
     """
-    if len(data) > min(small_bytes, max_bytes):
+    if len(data) > min(small_bytes, max_bytes) or not is_plainly_cheap(data):
         return None
     with _open_checked(data, content_type=content_type, max_bytes=max_bytes,
                        max_pixels=max_pixels) as image:

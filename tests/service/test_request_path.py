@@ -47,15 +47,16 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def patient_client(make_settings) -> Iterator[TestClient]:
-    """An app whose batchers may wait 200 ms for company (FER_MAX_WAIT_MS=200)."""
-    with TestClient(create_app(make_settings(max_wait_ms=200.0))) as c:
+    """An app whose batchers may wait 1 s for company (FER_MAX_WAIT_MS=1000)."""
+    with TestClient(create_app(make_settings(max_wait_ms=1000.0))) as c:
         yield c
 
 
 @pytest.mark.parametrize("query", ["detect=false", "detect=true"])
 def test_a_lone_request_does_not_wait_for_company(patient_client: TestClient, face_jpeg: bytes,
                                                   query: str) -> None:
-    """Waiting for company would cost 200 ms per batcher (one without detection, two with)."""
+    """Waiting for company would cost 1 s per batcher (one without detection, two with); the
+    bound leaves a busy CI machine ample room for the real work."""
     took = []
     for _ in range(5):
         started = time.perf_counter()
@@ -63,7 +64,7 @@ def test_a_lone_request_does_not_wait_for_company(patient_client: TestClient, fa
         took.append(time.perf_counter() - started)
         assert r.status_code == 200, r.text
         assert len(r.json()["faces"]) == 1
-    assert statistics.median(took) < 0.15, took
+    assert statistics.median(took) < 0.6, took
 
 
 # --- decoding: small uploads on the event loop, the same checks --------------------------------
