@@ -45,13 +45,19 @@ UPSCALE, CANVAS = 4, 320
 VIEWS_VERSION = 1
 
 
-def detect_face_landmarks(faces: np.ndarray, detector: Any, *, batch: int = 16) -> list[np.ndarray | None]:
+def detect_face_landmarks(faces: np.ndarray, detector: Any, *, batch: int = 16,
+                          min_score: float = 0.0) -> list[np.ndarray | None]:
     """Five landmarks per small face, in the face's own pixels (``None`` where none is found).
 
     Args:
         faces: uint8 (N, S, S) grayscale faces.
         detector: anything with the serving detector's ``detect(list of RGB arrays)``.
+        min_score: a detection counts only with a score above this (the detector's own
+            threshold applies first).
     """
+    if faces.shape[-1] * UPSCALE > CANVAS:
+        raise ValueError(f"faces of {faces.shape[-1]} px upscaled x{UPSCALE} do not fit the "
+                         f"{CANVAS} px detection canvas (at most {CANVAS // UPSCALE} px)")
     side = faces.shape[-1] * UPSCALE
     off = (CANVAS - side) // 2
     out: list[np.ndarray | None] = []
@@ -63,6 +69,7 @@ def detect_face_landmarks(faces: np.ndarray, detector: Any, *, batch: int = 16) 
             img[off:off + side, off:off + side] = _upscale(face)
             canvases.append(cv2.cvtColor(img, cv2.COLOR_GRAY2RGB))
         for dets in detector.detect(canvases):
+            dets = [d for d in dets if d.score > min_score]
             out.append((np.asarray(dets[0].landmarks) - off) / UPSCALE if dets else None)
         if (s // batch) % 200 == 199:
             log.info("landmarks: %d/%d faces (%.0f s)", len(out), len(faces),

@@ -49,7 +49,7 @@ from training.gan.eval_report import DRGAN_QUOTED, QUOTED_KEY, bars_table, fmt, 
 from training.gan.eval_subjects import WARP_OUTPUT, CfpFrontaliser, Subject, setup_subject
 from training.gan.fer_eval import YAW_BINS, FerResult, evaluate_fer
 from training.gan.identity import DlibEmbedder, Embedder, identity_scores
-from training.gan.output_checks import FRONTAL_CHECK_HOW, frontal_check, realism_probe
+from training.gan.output_checks import FRONTAL_CHECK_HOW, frontal_check, realism_probe_seeds
 from training.gan.sheets import pick_sheet_rows, pick_yaw_rows, write_sheet
 from training.runtime import cache_root
 
@@ -215,8 +215,10 @@ def _realism(args: argparse.Namespace, subject: Subject, get_detector: Callable[
                     "splits (train %d+%d, eval %d+%d)", len(tr_f), len(tr_p), len(te_f), len(te_p))
         return []
     runs = {"raw": lambda d: d.images} | {c.key: c.cfp_run for c in subject.candidates}
-    out = {k: realism_probe(tr_f.images.numpy(), run(tr_p).numpy(), te_f.images.numpy(), run(te_p).numpy(),
-                            seed=args.seed, steps=args.probe_steps, name=k) for k, run in runs.items()}
+    seeds = tuple(args.seed + i for i in range(3))
+    out = {k: realism_probe_seeds(tr_f.images.numpy(), run(tr_p).numpy(), te_f.images.numpy(),
+                                  run(te_p).numpy(), seeds=seeds, steps=args.probe_steps, name=k)
+           for k, run in runs.items()}
     subject.results["realism_probe"] = out
     keys = [c.key for c in subject.candidates]
     n = f"{out['raw']['test_real']}+{out['raw']['test_fake']}"
