@@ -2,9 +2,10 @@
 
 The detector is the service's: ``RetinaFaceDetector`` on the ONNX Runtime backend, one intra-op
 thread, the service's detection threshold and minimum face size (``Settings()`` defaults). The
-int8 graph is made here by ``training.quantize_detector`` (static QDQ, MinMax calibration on
-``--calibration`` CFP photos of the *training* ids 001-450, letterboxed to 640x480 and fed at
-each long side in turn). Photo sets, all built deterministically:
+int8 graph is made here by ``training.quantize_detector`` as ``fer-train quantize-detector`` makes
+it (static QDQ, MinMax calibration on ``--calibration`` CFP photos of the *training* ids 001-450,
+letterboxed to 640x480 and fed at each long side in turn), or read from ``--int8-graph``.
+Photo sets, all built deterministically:
 
 * **CFP** frontal and profile photos of ids 451-500, each letterboxed to 640x480 (as
   ``profile_pipeline.py`` and ``load.py`` serve them). A face is found when a detection's box
@@ -54,8 +55,8 @@ from service.config import Settings  # noqa: E402
 from training.data.cfp import EVAL_IDS, read_fiducials  # noqa: E402
 from training.data.fer2013 import load_fer2013  # noqa: E402
 from training.quantize_detector import (  # noqa: E402
+    calibration_inputs,
     calibration_photos,
-    detector_inputs,
     load_int8_detector,
     quantize_detector,
 )
@@ -252,11 +253,11 @@ def recall(o: Outcome, heights: list[list[float]] | None = None, lo: float = 0, 
     return f"{np.mean(hits):.3f}" if hits else "-"
 
 
-def build_int8(cfp: Path, n: int, folder: Path, fp32: dict[int, RetinaFaceDetector]) -> Path:
-    photos = [letterbox(p)[0] for p in calibration_photos(cfp, n)]
-    inputs = [x for k, side in enumerate(MAX_SIDES)
-              for x in detector_inputs(fp32[side], photos[k::len(MAX_SIDES)])]
-    graph = fp32[MAX_SIDES[-1]].onnx_path
+def build_int8(cfp: Path, n: int, folder: Path, fp32: RetinaFaceDetector, cache_dir: Path) -> Path:
+    """The int8 graph as ``fer-train quantize-detector`` makes it (calibrated at 320, 480, 640)."""
+    inputs = calibration_inputs(calibration_photos(cfp, n), weights=fp32.weights, cache_dir=cache_dir,
+                                sides=MAX_SIDES)
+    graph = fp32.onnx_path
     assert graph is not None
     out = folder / "detector.int8.onnx"
     info = quantize_detector(graph, out, inputs)
@@ -280,6 +281,8 @@ def main() -> None:
     p.add_argument("--close-up", type=float, default=0.2,
                    help="adaptive: skip the 640 rerun when 320 found a face this share of the long side tall")
     p.add_argument("--no-int8", action="store_true")
+    p.add_argument("--int8-graph", type=Path, default=None,
+                   help="run this int8 graph (e.g. checkpoints/detector.int8.onnx) instead of making one")
     p.add_argument("--keep", type=Path, default=None, help="folder to keep the int8 graph in")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -294,8 +297,8 @@ def main() -> None:
     detectors = {("fp32", s): fp32_at(s) for s in MAX_SIDES}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_int8:
-            fp32 = {s: detectors["fp32", s] for s in MAX_SIDES}
-            graph = build_int8(args.cfp, args.calibration, args.keep or Path(tmp), fp32)
+            graph = args.int8_graph or build_int8(args.cfp, args.calibration, args.keep or Path(tmp),
+                                                  detectors["fp32", MAX_SIDES[-1]], args.cache_dir)
             for s in MAX_SIDES:
                 detectors["int8", s] = load_int8_detector(graph, cache_dir=args.cache_dir, max_side=s, **opts)
         cut = slice(None, args.limit or None)

@@ -6,13 +6,19 @@ frame with ``--group-faces`` CFP faces on it, all JPEG-encoded once (quality 90)
 service's own code and settings (detection threshold 0.6, min face 16 px, long side 640):
 
 * decode: ``service.inference.decode.decode_image`` on the JPEG bytes;
-* detect: ``RetinaFaceDetector.detect`` on 1 image per call (batch 1) or 8 (batch 8);
+* detect: ``RetinaFaceDetector.detect`` on 1 image per call (batch 1) or 8 (batch 8); on the
+  ``onnx`` backend with ``--int8 auto`` (the service's default) from the shipped int8 graph
+  ``checkpoints/detector.int8.onnx`` when its note matches, as the service does;
 * align: ``align_face`` for every detected face;
-* classify: the service's ``Classifier`` (the shipped default checkpoint) on 1 or 8 faces per call;
+* classify: the service's ``Classifier`` (the shipped default checkpoint, int8 on ``onnx`` with
+  ``--int8 auto``) on 1 or 8 faces per call;
 * encode: the ``PredictResponse`` built and serialised to JSON, as the route does.
 
-Then a real ``fer-serve`` (uvicorn on 127.0.0.1, the same backend and thread count) answers
-``/predict`` for the same photos: one request at a time (batch 1), and from 8 concurrent clients
+With ``--int8 off auto`` the onnx backend runs twice, side by side: the float32 graphs
+(``onnx-fp32``) and the int8 ones (``onnx-int8``).
+
+Then a real ``fer-serve`` (uvicorn on 127.0.0.1, the same backend, FER_INT8 and thread count)
+answers ``/predict`` for the same photos: one request at a time (batch 1), and from 8 concurrent clients
 (batch 8: the dynamic batchers then see up to 8 images at once). ``http`` is its time per image
 (for 8 clients: wall time / images), and ``overhead`` is ``http`` minus the sum of the stages.
 
@@ -22,6 +28,7 @@ the same machine load; ratios are only meaningful within one run. Not a test.
 
     python benchmarks/profile_pipeline.py                 # both backends, 1 and 2 threads (~2 min)
     python benchmarks/profile_pipeline.py --backends onnx --threads 2 --no-http
+    python benchmarks/profile_pipeline.py --backends onnx --threads 1 --int8 off auto   # fp32 vs int8
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from facemodels.cache import default_cache_root  # noqa: E402
 from facemodels.face.align import align_face  # noqa: E402
 from facemodels.face.detector import RetinaFaceDetector  # noqa: E402
+from facemodels.face.detector_int8 import usable_int8_graph  # noqa: E402
 from facemodels.face.retinaface_convert import ensure_detector_weights  # noqa: E402
 from service.api.faces import prediction_out  # noqa: E402
 from service.config import DEFAULT_CHECKPOINTS, Settings  # noqa: E402
@@ -110,14 +118,18 @@ class StageRunner:
     """One backend's detector and classifier at one thread count, with its inputs prepared."""
 
     def __init__(self, jpegs: list[bytes], backend: str, threads: int, batch: int, *, weights: Path,
-                 cache: Path) -> None:
+                 cache: Path, int8: str = "auto") -> None:
         s = Settings(cache_dir=cache)
         self.jpegs = jpegs
+        graph = (usable_int8_graph(DEFAULT_CHECKPOINTS / "detector.int8.onnx", weights)
+                 if backend == "onnx" and int8 == "auto" else None)
         self.detector = RetinaFaceDetector(weights, score_threshold=s.detection_threshold,
                                            min_face_size=s.min_face_size, max_side=s.detector_max_side,
-                                           backend=backend, cache_dir=cache, threads=threads)
+                                           backend=backend, cache_dir=cache, threads=threads,
+                                           int8_graph=graph)
         self.clf = Classifier(DEFAULT_CHECKPOINTS / "default.safetensors", name="default", role="default",
-                              device=torch.device("cpu"), backend=backend, cache_dir=cache, threads=threads)
+                              device=torch.device("cpu"), backend=backend, cache_dir=cache, threads=threads,
+                              int8=int8)
         self.images = [decode_image(j, content_type="image/jpeg") for j in jpegs]
         self.chunks = [self.images[i:i + batch] for i in range(0, len(jpegs), batch)]
         self.faces = [f for c in self.chunks for f in self.detector.detect(c)]  # also the warm-up
@@ -176,11 +188,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(backend: str, threads: int, *, weights: Path, cache: Path) -> tuple[subprocess.Popen, str]:
+def start_server(backend: str, threads: int, *, weights: Path, cache: Path,
+                 int8: str = "auto") -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "FER_BACKEND": backend, "FER_TORCH_THREADS": str(threads), "FER_DEVICE": "cpu",
            "FER_CACHE_DIR": str(cache), "FER_DETECTOR_WEIGHTS": str(weights),
-           "FER_USE_SHIPPED_EXTRAS": "false"}
+           "FER_USE_SHIPPED_EXTRAS": "false", "FER_INT8": int8}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env=env)
     return proc, f"http://127.0.0.1:{port}"
@@ -201,11 +214,14 @@ def wait_ready(proc: subprocess.Popen, url: str) -> None:
         time.sleep(0.3)
 
 
-def http_ms(jpegs: list[bytes], backends: list[str], threads: int, batches: list[int], *, weights: Path,
-            cache: Path, repeats: int) -> dict[str, dict[int, float]]:
-    """ms per image through a real fer-serve per backend: batch 1 is one request at a time,
-    batch N is N concurrent clients. The servers run side by side and alternate pass by pass."""
-    servers = {b: start_server(b, threads, weights=weights, cache=cache) for b in backends}
+def http_ms(jpegs: list[bytes], configs: dict[str, tuple[str, str]], threads: int, batches: list[int], *,
+            weights: Path, cache: Path, repeats: int) -> dict[str, dict[int, float]]:
+    """ms per image through a real fer-serve per configuration (label -> (backend, FER_INT8)):
+    batch 1 is one request at a time, batch N is N concurrent clients. The servers run side by
+    side and alternate pass by pass."""
+    backends = list(configs)
+    servers = {label: start_server(b, threads, weights=weights, cache=cache, int8=int8)
+               for label, (b, int8) in configs.items()}
     try:
         for proc, url in servers.values():
             wait_ready(proc, url)
@@ -257,20 +273,32 @@ def main() -> None:
                    help="cache root for detector weights and ONNX files (default: FER_CACHE_DIR or "
                         f"{default_cache_root()})")
     p.add_argument("--no-http", action="store_true", help="skip the real-server column")
+    p.add_argument("--int8", nargs="+", choices=("auto", "off"), default=["auto"],
+                   help="FER_INT8 for the onnx backend: auto runs the shipped int8 detector and classifier "
+                        "graphs (the service's default), off float32; both: side by side as onnx-int8 "
+                        "and onnx-fp32")
     args = p.parse_args()
     started = time.monotonic()
     cache = args.cache_dir or Settings().cache_dir
     weights = ensure_detector_weights(cache)
     jpegs = photo_set(args.data, args.photos, args.group_faces)
+    configs: dict[str, tuple[str, str]] = {}  # label -> (backend, FER_INT8)
+    for b in args.backends:
+        for int8 in args.int8 if b == "onnx" else ["off"]:
+            kind = "int8" if int8 == "auto" else "fp32"
+            label = f"onnx-{kind}" if b == "onnx" and len(args.int8) > 1 else b
+            configs[label] = (b, int8)
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         http = ({} if args.no_http else
-                http_ms(jpegs, args.backends, threads, args.batches, weights=weights, cache=cache,
+                http_ms(jpegs, configs, threads, args.batches, weights=weights, cache=cache,
                         repeats=args.repeats))
         for batch in args.batches:
-            runners = {b: StageRunner(jpegs, b, threads, batch, weights=weights, cache=cache)
-                       for b in args.backends}
+            runners = {label: StageRunner(jpegs, b, threads, batch, weights=weights, cache=cache, int8=int8)
+                       for label, (b, int8) in configs.items()}
+            precision = {b: f"detector {r.detector.precision}, classifier {r.clf.precision}"
+                         for b, r in runners.items()}
             n_faces = len(next(iter(runners.values())).crops)
             for backend, ms in profile_stages(runners, args.repeats).items():
                 rows.append({"backend": backend, "threads": threads, "batch": batch, **ms,
@@ -278,7 +306,8 @@ def main() -> None:
                              "http": http.get(backend, {}).get(batch, float("nan"))})
     print(f"\n{len(jpegs)} photos ({args.photos} CFP 640x480 letterboxed + one 1280x720 frame with "
           f"{args.group_faces} faces; {n_faces} faces found), ms per image, median of {args.repeats} passes; "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {_ort_version()}")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {_ort_version()}; "
+          + "; ".join(f"{b}: {p}" for b, p in precision.items()))
     head = ["backend", "threads", "batch", *STAGES, "sum", "http", "overhead"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -286,13 +315,14 @@ def main() -> None:
         cells = [r["backend"], str(r["threads"]), str(r["batch"]), *(f"{r[s]:.2f}" for s in STAGES),
                  f"{r['sum']:.2f}", f"{r['http']:.2f}", f"{r['http'] - r['sum']:.2f}"]
         print("| " + " | ".join(cells) + " |")
-    if {"torch", "onnx"} <= set(args.backends):
-        print("\ntorch / onnx time ratio (higher = ONNX Runtime faster):")
+    base = next(iter(configs))
+    for other in list(configs)[1:]:
+        print(f"\n{base} / {other} time ratio (higher = {other} faster):")
         for threads in args.threads:
             for batch in args.batches:
                 t, o = (next(r for r in rows
-                             if (r["backend"], r["threads"], r["batch"]) == (b, threads, batch))
-                        for b in ("torch", "onnx"))
+                             if (r["backend"], r["threads"], r["batch"]) == (label, threads, batch))
+                        for label in (base, other))
                 print(f"  threads {threads}, batch {batch}: detect {t['detect'] / o['detect']:.2f}x, "
                       f"classify {t['classify'] / o['classify']:.2f}x, stages {t['sum'] / o['sum']:.2f}x, "
                       f"http {t['http'] / o['http']:.2f}x")

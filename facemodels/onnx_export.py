@@ -1,13 +1,17 @@
 """ONNX export of the served networks, the ONNX file cache, and ONNX Runtime sessions.
 
-Two kinds of graph, each with a dynamic batch axis:
+Three kinds of graph, each with a dynamic batch axis:
 
 * a **classifier** (any registered architecture, the soft-voting ensemble included, as one
   graph): float ``input`` ``(N, C, s, s)``, already preprocessed by
   :func:`facemodels.preprocess.eval_views`, to ``probs`` ``(N, classes)``: the softmax of the
   model's output, which is what :func:`facemodels.predict.predict_probs` averages;
 * the **detector** (:class:`~facemodels.face.retinaface_net.RetinaFaceNet`): mean-subtracted BGR
-  ``input`` ``(N, 3, H, W)``, H and W dynamic too, to ``loc``, ``conf`` and ``landm``.
+  ``input`` ``(N, 3, H, W)``, H and W dynamic too, to ``loc``, ``conf`` and ``landm``;
+* the frontaliser's **refiner** network (:meth:`~facemodels.frontalizer.refiner.FrontalRefiner.heads`):
+  its five input channels ``input`` ``(N, 5, S, S)`` to ``flow``, ``mask`` and ``residual``. The
+  warp's sampling around it (per-face area shrinking, ``grid_sample`` of the input) stays in
+  PyTorch: it is cheap, and its per-face shrink factor is data-dependent control flow.
 
 The ONNX files are not shipped: they are produced from the safetensors weights when first
 needed (service start-up, ``fer-serve --prepare``, ``fer-train export --format onnx``) and
@@ -20,9 +24,10 @@ written with :func:`facemodels.atomic.atomic_path`, so workers that start togeth
 half a file.
 
 Every export is checked before it is kept: ONNX Runtime (when installed) runs the new graph at
-two batch sizes and its outputs must equal PyTorch's within :data:`CLASSIFIER_ATOL` (probs) or
-:data:`DETECTOR_ATOL` (raw detector outputs). ``onnx`` (the exporter's dependency) and
-``onnxruntime`` are imported lazily, so this module costs nothing where neither is installed.
+two batch sizes and its outputs must equal PyTorch's within :data:`CLASSIFIER_ATOL` (probs),
+:data:`DETECTOR_ATOL` (raw detector outputs) or :data:`REFINER_ATOL` (the refiner's outputs).
+``onnx`` (the exporter's dependency) and ``onnxruntime`` are imported lazily, so this module
+costs nothing where neither is installed.
 """
 
 from __future__ import annotations
@@ -56,13 +61,18 @@ __all__ = [
     "DETECTOR_OUTPUTS",
     "EXPORT_FORMAT",
     "OPSET",
+    "REFINER_ATOL",
+    "REFINER_INPUT",
+    "REFINER_OUTPUTS",
     "OnnxExportError",
     "cache_key",
     "cached_classifier_onnx",
     "cached_detector_onnx",
+    "cached_refiner_onnx",
     "create_session",
     "export_classifier",
     "export_detector",
+    "export_refiner",
     "onnx_available",
     "resolve_backend",
     "sha256_file",
@@ -80,6 +90,10 @@ DETECTOR_INPUT, DETECTOR_OUTPUTS = "input", ("loc", "conf", "landm")
 CLASSIFIER_ATOL = 1e-5
 #: The same for the detector's raw outputs (box and landmark offsets, face probability).
 DETECTOR_ATOL = 1e-4
+REFINER_INPUT, REFINER_OUTPUTS = "input", ("flow", "mask", "residual")
+#: The same for the refiner's outputs, in their own units: flow in output pixels, the blend mask
+#: in (0, 1), the inpainting residual on the 0..255 scale (so about 4e-6 of the image range).
+REFINER_ATOL = 1e-3
 #: ``FER_BACKEND`` values (the service) and what :func:`resolve_backend` accepts.
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -262,6 +276,38 @@ def export_detector(net: nn.Module, out: Path, *, verify: bool = True) -> dict[s
     return {"path": str(out), "max_abs_diff": diff, "seconds": time.perf_counter() - started}
 
 
+class _Heads(nn.Module):
+    """``refiner.heads(x)``: the refiner's network with its bounded outputs, as one module."""
+
+    def __init__(self, refiner: nn.Module) -> None:
+        super().__init__()
+        self.refiner = refiner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.refiner.heads(x)
+
+
+def export_refiner(refiner: nn.Module, out: Path, *, verify: bool = True) -> dict[str, Any]:
+    """Write a :class:`~facemodels.frontalizer.refiner.FrontalRefiner`'s network to ``out`` as ONNX.
+
+    The graph is :meth:`~facemodels.frontalizer.refiner.FrontalRefiner.heads`: the five net
+    input channels ``(N, 5, S, S)`` (``S = cfg.image_size``) to ``flow`` ``(N, S, S, 2)``,
+    ``mask`` and ``residual`` ``(N, 1, S, S)``, batch size dynamic. Returns and raises as
+    :func:`export_classifier` (tolerance :data:`REFINER_ATOL`).
+    """
+    started = time.perf_counter()
+    wrapped = _Heads(refiner.to("cpu").float().eval())
+    s = refiner.cfg.image_size
+    gen = torch.Generator().manual_seed(0)
+    examples = [torch.empty(n, 5, s, s).uniform_(-1, 1, generator=gen) for n in (2, 5, 1)]
+    axes = {name: {0: "batch"} for name in (REFINER_INPUT, *REFINER_OUTPUTS)}
+    data = _export_bytes(wrapped, examples[0], [REFINER_INPUT], list(REFINER_OUTPUTS), axes)
+    diff = _check(data, wrapped, examples[1:], REFINER_INPUT, REFINER_OUTPUTS,
+                  REFINER_ATOL) if verify else None
+    _write(out, data)
+    return {"path": str(out), "max_abs_diff": diff, "seconds": time.perf_counter() - started}
+
+
 # --- the cache ------------------------------------------------------------------------------
 
 
@@ -308,6 +354,18 @@ def cached_classifier_onnx(checkpoint: Path, cache_dir: Path, *, model: nn.Modul
         cache_dir: the cache root; the file goes to its ``onnx/`` folder.
         model: the checkpoint already loaded (saves loading it again to export).
     """
+    return _cached_checkpoint("classifier", checkpoint, cache_dir, model, export_classifier)
+
+
+def cached_refiner_onnx(checkpoint: Path, cache_dir: Path, *, model: nn.Module | None = None) -> Path:
+    """The cached ONNX graph of a ``frontal_refiner`` checkpoint's network (:func:`export_refiner`);
+    arguments as :func:`cached_classifier_onnx`."""
+    return _cached_checkpoint("refiner", checkpoint, cache_dir, model, export_refiner)
+
+
+def _cached_checkpoint(kind: str, checkpoint: Path, cache_dir: Path, model: nn.Module | None,
+                       exporter: Callable[[nn.Module, Path], dict[str, Any]]) -> Path:
+    """:func:`_cached` for a registry checkpoint: its card's arch, kwargs and cfg shape the graph."""
     from facemodels.checkpoint import load_card, load_checkpoint, weights_path
 
     card = load_card(checkpoint)
@@ -315,9 +373,9 @@ def cached_classifier_onnx(checkpoint: Path, cache_dir: Path, *, model: nn.Modul
 
     def export(out: Path) -> dict[str, Any]:
         net = model if model is not None else load_checkpoint(checkpoint)[0]
-        return export_classifier(net, out)
+        return exporter(net, out)
 
-    return _cached("classifier", weights_path(checkpoint), graph, cache_dir, export)
+    return _cached(kind, weights_path(checkpoint), graph, cache_dir, export)
 
 
 def cached_detector_onnx(weights: Path, cache_dir: Path, *, net: nn.Module) -> Path:

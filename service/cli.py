@@ -57,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="HTTP/1.1 parser; auto: httptools when installed (default %(default)s)")
     p.add_argument("--prepare", action="store_true",
                    help="convert the detector weights into FER_CACHE_DIR (unless FER_DETECTOR_WEIGHTS "
-                        "is set) and, when FER_BACKEND resolves to onnx, export the detector and every "
-                        "served classifier to ONNX into FER_CACHE_DIR/onnx; then exit, so the first "
+                        "is set) and, when FER_BACKEND resolves to onnx, export the detector, every "
+                        "served classifier and a frontal_refiner frontaliser to ONNX into "
+                        "FER_CACHE_DIR/onnx; then exit, so the first "
                         "start needs neither")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -104,12 +105,19 @@ def _serve(host: str, port: int, workers: int, log_level: str, loop: str, http: 
 
 
 def _prepare() -> None:
+    from facemodels.checkpoint import load_card
     from facemodels.device import resolve_device
     from facemodels.face.detector import load_detector_net
     from facemodels.face.retinaface_convert import ensure_detector_weights
-    from facemodels.onnx_export import cached_classifier_onnx, cached_detector_onnx, resolve_backend
+    from facemodels.frontalizer.refiner import REFINER_ARCH
+    from facemodels.onnx_export import (
+        cached_classifier_onnx,
+        cached_detector_onnx,
+        cached_refiner_onnx,
+        resolve_backend,
+    )
     from service.config import Settings
-    from service.inference.catalog import classifier_specs
+    from service.inference.catalog import classifier_specs, frontalizer_path
 
     settings = Settings()
     path = settings.detector_weights or ensure_detector_weights(settings.cache_dir)
@@ -120,6 +128,9 @@ def _prepare() -> None:
     log.info("detector ONNX ready: %s", cached_detector_onnx(path, cache, net=load_detector_net(path)))
     for spec in classifier_specs(settings):
         log.info("classifier %s ONNX ready: %s", spec.name, cached_classifier_onnx(spec.path, cache))
+    frontalizer = frontalizer_path(settings)
+    if frontalizer is not None and load_card(frontalizer).get("arch") == REFINER_ARCH:
+        log.info("frontaliser refiner ONNX ready: %s", cached_refiner_onnx(frontalizer, cache))
 
 
 if __name__ == "__main__":

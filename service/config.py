@@ -68,7 +68,8 @@ class Settings(BaseSettings):
                                         "its detector/ folder, ONNX graphs (onnx backend) to onnx/")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     backend: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="FER_BACKEND: what runs the detector and the classifiers. auto: ONNX Runtime "
+        "auto", description="FER_BACKEND: what runs the detector, the classifiers and a refiner "
+                            "frontaliser's network. auto: ONNX Runtime "
                             "on CPU when onnx and onnxruntime are installed, else PyTorch (always "
                             "PyTorch on CUDA); onnx needs the CPU. The ONNX graphs are exported from "
                             "the safetensors into cache_dir/onnx/ at start-up and reused while the "
@@ -76,9 +77,21 @@ class Settings(BaseSettings):
     )
     int8: Literal["auto", "off"] = Field(
         "auto", description="FER_INT8, onnx backend only: auto serves a classifier from the int8 graph "
-                            "<stem>.int8.onnx beside its checkpoint (fer-train quantize) when that "
-                            "graph's note names the checkpoint's weights by SHA-256, else from the "
-                            "float32 graph; off always serves float32. The torch backend ignores it",
+                            "<stem>.int8.onnx beside its checkpoint (fer-train quantize), and the "
+                            "detector from its int8 graph (detector_int8_graph; fer-train "
+                            "quantize-detector), each when the graph's note names the weights being "
+                            "loaded and the graph's bytes by SHA-256, else from the float32 graph (a "
+                            "warning names the file and why); off always serves float32. GET /models "
+                            "shows each one's precision. The torch backend ignores it",
+    )
+    detector_int8_graph: Path | None = Field(
+        None, description="FER_DETECTOR_INT8_GRAPH: the detector's int8 graph, served with FER_INT8=auto "
+                          "on the onnx backend while its note <graph>.json names the SHA-256 of the "
+                          "detector weights' tensors and of the graph's bytes (else a warning, and "
+                          "float32). None uses detector.int8.onnx beside the classifier checkpoint when "
+                          "there is one (the shipped checkpoints/ has it: same or better recall than "
+                          "float32 at 0.81x the time at 640 px; docs/results.md, Detection resolution "
+                          "and int8 detector)",
     )
     torch_threads: int = Field(
         0, ge=0, description="FER_TORCH_THREADS: intra-op CPU threads of torch and of ONNX Runtime, per "
@@ -128,6 +141,22 @@ class Settings(BaseSettings):
     min_face_size: int = Field(16, ge=0, description="pixels; smaller faces are ignored")
     max_faces: int = Field(20, ge=1, description="most faces returned per image")
     detector_max_side: int = Field(640, ge=64, description="long side images are shrunk to")
+    detector_adaptive_side: int = Field(
+        0, ge=0, description="FER_DETECTOR_ADAPTIVE_SIDE: 0 (the default) detects every image once at "
+                             "detector_max_side. Else (32 or more, below detector_max_side; e.g. 320) "
+                             "each image is first detected at this long side, and again at "
+                             "detector_max_side unless that first pass found a face at least "
+                             "detector_closeup_fraction of the long side tall. Close-ups then cost "
+                             "the small pass only (about 1/3 of 640's at 320), photos of small faces "
+                             "both passes (1.36x a fixed 640, same recall). Trade-off: a close-up "
+                             "with small faces behind it loses the small ones (they are only found "
+                             "at the large side), and a lone face under the fraction pays for both "
+                             "passes (docs/results.md, Detection resolution and int8 detector)",
+    )
+    detector_closeup_fraction: float = Field(
+        0.2, gt=0, le=1, description="FER_DETECTOR_CLOSEUP_FRACTION: with detector_adaptive_side, a face "
+                                     "whose box is at least this share of the image's long side tall "
+                                     "makes the first (small) pass final")
     tta: bool = Field(False, description="10-crop test-time augmentation by default")
 
     video_max_bytes: int = Field(100 * 2**20, ge=1024, description="FER_VIDEO_MAX_BYTES: largest upload "
@@ -205,6 +234,14 @@ class Settings(BaseSettings):
                 "hold FER_MAX_FACES faces or an image with that many faces could never be classified. "
                 f"Set FER_MAX_QUEUE to {self.max_faces} or more, or FER_MAX_FACES to {self.max_queue} "
                 "or less")
+        return self
+
+    @model_validator(mode="after")
+    def _adaptive_side_below_max_side(self) -> Settings:
+        side = self.detector_adaptive_side
+        if side and not 32 <= side < self.detector_max_side:
+            raise ValueError(f"FER_DETECTOR_ADAPTIVE_SIDE ({side}) must be 0 (off) or at least 32 and "
+                             f"below FER_DETECTOR_MAX_SIDE ({self.detector_max_side})")
         return self
 
     @field_validator("models")

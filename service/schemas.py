@@ -10,6 +10,7 @@ __all__ = [
     "BatchItem",
     "BatchPredictResponse",
     "DetectResponse",
+    "DetectorInfo",
     "ErrorBody",
     "ErrorResponse",
     "FaceDetection",
@@ -108,8 +109,25 @@ class ModelInfo(BaseModel):
     card: dict[str, Any]
 
 
+class DetectorInfo(BaseModel):
+    name: str = "detector"
+    arch: str
+    device: str
+    backend: str = Field(..., description="torch (PyTorch) or onnx (ONNX Runtime on the CPU)")
+    precision: str = Field(..., description="int8 (the onnx backend running the detector's int8 graph, "
+                                            "FER_INT8 and FER_DETECTOR_INT8_GRAPH) or fp32")
+    graph: str | None = Field(None, description="file name of the int8 graph, when precision is int8")
+    max_side: int | None = Field(..., description="long side images are shrunk to (FER_DETECTOR_MAX_SIDE)")
+    adaptive_side: int | None = Field(
+        None, description="FER_DETECTOR_ADAPTIVE_SIDE: long side of the first pass; null when off")
+    closeup_fraction: float | None = Field(
+        None, description="FER_DETECTOR_CLOSEUP_FRACTION when adaptive_side is on")
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    detector: DetectorInfo | None = Field(None, description="the face detector, which every "
+                                                            "classifier's /predict runs first")
 
 
 class HealthResponse(BaseModel):

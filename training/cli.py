@@ -19,6 +19,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
     from training.gan import refiner_train
     from training.gan import train as gan_train
     from training.quantize import get_quantize_parser, quantize_main
+    from training.quantize_detector import get_quantize_detector_parser, quantize_detector_main
     from training.train_classifier import get_args_parser
     from training.train_classifier import main as classify_main
 
@@ -29,6 +30,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
         "cv": (get_cv_parser, cv_main),
         "export": (get_export_parser, export_main),
         "quantize": (get_quantize_parser, quantize_main),
+        "quantize-detector": (get_quantize_detector_parser, quantize_detector_main),
         "frontalizer": (gan_train.get_args_parser, gan_train.main),
         "eval-frontalizer": (gan_eval.get_args_parser, gan_eval.main),
         "refiner": (refiner_train.get_args_parser, refiner_train.main),

@@ -4,8 +4,9 @@ The card travels with the weights (metrics, training arguments, data fingerprint
 where it was exported from, so a shipped ``checkpoints/default`` still says how it was made.
 
 ``--format onnx`` writes ``<dest>.onnx`` with a dynamic batch axis instead (any classifier, an
-ensemble as one graph, or the RetinaFace detector weights), through the same exporter the
-service uses (:mod:`facemodels.onnx_export`), checked against PyTorch by ONNX Runtime, plus
+ensemble as one graph, a ``frontal_refiner``'s network, or the RetinaFace detector weights),
+through the same exporter the service uses (:mod:`facemodels.onnx_export`), checked against
+PyTorch by ONNX Runtime, plus
 ``<dest>.onnx.json``: the card (the ``cfg`` says how to preprocess the graph's input) with the
 SHA-256 of the source weights and the measured difference to PyTorch.
 """
@@ -25,6 +26,7 @@ from facemodels.atomic import write_text_atomically
 from facemodels.checkpoint import card_path, load_checkpoint, save_checkpoint, weights_path
 from facemodels.face.detector import load_detector_net
 from facemodels.face.retinaface_convert import ARCH as DETECTOR_ARCH
+from facemodels.frontalizer.refiner import REFINER_ARCH
 
 __all__ = ["export_main", "get_export_parser"]
 
@@ -44,12 +46,13 @@ def get_export_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="a confusion-matrix PNG to copy beside it as <dest>_confusion.png")
     p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                    help="safetensors: a checkpoint with its card; onnx: <dest>.onnx (dynamic batch) and "
-                        "<dest>.onnx.json, from a classifier checkpoint or the detector weights")
+                        "<dest>.onnx.json, from a classifier or frontal_refiner checkpoint or the "
+                        "detector weights")
     return p
 
 
 def _export_onnx(args: argparse.Namespace) -> dict[str, Any]:
-    from facemodels.onnx_export import export_classifier, export_detector, sha256_file
+    from facemodels.onnx_export import export_classifier, export_detector, export_refiner, sha256_file
 
     source = weights_path(args.source)
     out = args.dest.with_name(args.dest.name.removesuffix(".onnx") + ".onnx")
@@ -59,7 +62,7 @@ def _export_onnx(args: argparse.Namespace) -> dict[str, Any]:
         info = export_detector(load_detector_net(source), out)
     else:
         model, card = load_checkpoint(args.source)
-        info = export_classifier(model, out)
+        info = (export_refiner if card["arch"] == REFINER_ARCH else export_classifier)(model, out)
     note = {**card, "format": "onnx", "exported_from": str(source), "weights_sha256": sha256_file(source),
             "onnx_file": out.name, "max_abs_diff_vs_torch": info["max_abs_diff"]}
     write_text_atomically(out.with_name(out.name + ".json"), json.dumps(note, indent=2) + "\n")

@@ -11,12 +11,22 @@ the mean colour), and other sizes run as their own sub-batches, so a small image
 a large one's padding. Priors are generated for the padded size. Images are placed top-left,
 so decoded coordinates need no shift; detections whose centre lies in an image's padding are
 dropped, boxes are clipped to the image, and everything is scaled back to the original pixels.
+
+With ``adaptive_side`` set, every image first runs at that (smaller) long side, and only the images
+where that pass found no close-up (no face at least ``close_up`` of the image's long side tall) run
+again at ``max_side``, together as one batch: close-ups cost the small pass alone, other photos
+both. ``runs`` counts the images each long side ran.
+
+On the ``onnx`` backend the network is the float32 graph exported from the weights, or the graph
+passed as ``int8_graph`` (an int8 quantisation of these weights: ``fer-train quantize-detector``;
+:mod:`facemodels.face.detector_int8` checks its note).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,10 +113,20 @@ class RetinaFaceDetector:
         threads: ONNX Runtime intra-op threads (``onnx`` backend; 0 = one per core).
         spinning: whether ONNX Runtime's idle worker threads busy-wait (``onnx`` backend; see
             :func:`facemodels.onnx_export.create_session`).
+        int8_graph: ``onnx`` backend: run this ONNX graph, an int8 quantisation of ``weights``
+            (``fer-train quantize-detector``), instead of the float32 graph exported from them.
+            Its note is not checked here (:func:`facemodels.face.detector_int8.usable_int8_graph`
+            does); everything around the network stays the same code.
+        adaptive_side: detect at this long side first, and again at ``max_side`` only where that
+            found no close-up (module docstring); ``None`` runs every image at ``max_side`` once.
+        close_up: with ``adaptive_side``, a face whose box is at least this share of the image's
+            long side tall makes the first pass final.
 
     Raises:
-        DetectorWeightsError: the weights file is missing, corrupt or mismatched.
-        ValueError: an unknown backend, or ``onnx`` on a device other than the CPU.
+        DetectorWeightsError: the weights file is missing, corrupt or mismatched, or
+            ``int8_graph`` cannot be loaded (the message names the file).
+        ValueError: an unknown backend, ``onnx`` on a device other than the CPU, ``int8_graph``
+            without the ``onnx`` backend, or an ``adaptive_side`` not below ``max_side``.
     """
 
     def __init__(
@@ -124,11 +144,22 @@ class RetinaFaceDetector:
         cache_dir: Path | None = None,
         threads: int = 1,
         spinning: bool = False,
+        int8_graph: Path | None = None,
+        adaptive_side: int | None = None,
+        close_up: float = 0.2,
     ) -> None:
         if max_side is not None and max_side < _ALIGN:
             raise ValueError(f"max_side must be at least {_ALIGN}, got {max_side}")
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be torch or onnx, got {backend!r}")
+        if int8_graph is not None and backend != "onnx":
+            raise ValueError(f"an int8 graph runs on the onnx backend, not {backend}")
+        if adaptive_side is not None and not (
+                adaptive_side >= _ALIGN and (max_side is None or adaptive_side < max_side)):
+            raise ValueError(f"adaptive_side must be at least {_ALIGN} and below max_side ({max_side}), "
+                             f"got {adaptive_side}")
+        if not 0 < close_up <= 1:
+            raise ValueError(f"close_up must be in (0, 1], got {close_up}")
         self.device = torch.device(device)
         if backend == "onnx" and self.device.type != "cpu":
             raise ValueError(f"the onnx backend runs on the CPU, not {self.device}")
@@ -138,6 +169,10 @@ class RetinaFaceDetector:
         self.nms_threshold = nms_threshold
         self.min_face_size = min_face_size
         self.max_side = max_side
+        self.adaptive_side = adaptive_side
+        self.close_up = close_up
+        #: Images the network ran on, by the long side they ran at (``None``: full resolution).
+        self.runs: Counter[int | None] = Counter()
         self.top_k = top_k
         self.max_faces = max_faces
         self.net = load_detector_net(self.weights).to(self.device, memory_format=torch.channels_last).eval()
@@ -145,13 +180,22 @@ class RetinaFaceDetector:
         self._mean_np = np.asarray(BGR_MEAN, np.float32)
         self._mean_scalar = (*(float(m) for m in BGR_MEAN), 0.0)  # cv2's 4-channel scalar
         self.backend = backend
+        self.precision = "int8" if int8_graph is not None else "fp32"
         self.onnx_path: Path | None = None
         self._session: Any = None
-        if backend == "onnx":
+        if int8_graph is not None:
+            self.onnx_path = Path(int8_graph)
+            try:
+                self._session = create_session(self.onnx_path, threads=threads, spinning=spinning)
+            except Exception as exc:  # ONNX Runtime raises its own kinds; name the file in one
+                raise DetectorWeightsError(f"cannot load the int8 detector graph {self.onnx_path}: "
+                                           f"{exc}") from exc
+        elif backend == "onnx":
             self.onnx_path = cached_detector_onnx(self.weights, cache_dir or default_cache_root(),
                                                   net=self.net)
             self._session = create_session(self.onnx_path, threads=threads, spinning=spinning)
-        log.info("RetinaFace detector loaded from %s on %s (%s)", self.weights, self.device, backend)
+        log.info("RetinaFace detector loaded from %s on %s (%s, %s%s)", self.weights, self.device, backend,
+                 self.precision, f" from {self.onnx_path}" if int8_graph is not None else "")
 
     @classmethod
     def from_cache(cls, cache_dir: Path, /, **kwargs: Any) -> RetinaFaceDetector:
@@ -166,7 +210,8 @@ class RetinaFaceDetector:
         return cls(ensure_detector_weights(cache_dir), **kwargs)
 
     def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        """Detect faces in each image, running the network once for the whole batch.
+        """Detect faces in each image, running the network once for the whole batch (twice with
+        ``adaptive_side``: the second time for the images whose first pass found no close-up).
 
         Args:
             images: RGB ``uint8`` arrays of shape (H, W, 3); sizes may differ.
@@ -176,7 +221,36 @@ class RetinaFaceDetector:
         """
         if not images:
             return []
-        prepared = [self._resize(_check_image(image, n)) for n, image in enumerate(images)]
+        images = [_check_image(image, n) for n, image in enumerate(images)]
+        if self.adaptive_side is None:
+            return self._detect_at(images, self.max_side)
+        results = self._detect_at(images, self.adaptive_side)
+        again = [n for n, (image, faces) in enumerate(zip(images, results, strict=True))
+                 if self._needs_full_pass(image, faces)]
+        if again:
+            for n, faces in zip(again, self._detect_at([images[n] for n in again], self.max_side),
+                                strict=True):
+                results[n] = faces
+        return results
+
+    def _needs_full_pass(self, image: np.ndarray, faces: list[Detection]) -> bool:
+        """Whether an image the ``adaptive_side`` pass saw needs the ``max_side`` pass too: it was
+        shrunk for the first pass, and no face found is a close-up."""
+        long_side = max(image.shape[:2])
+        if self.adaptive_side is None or long_side <= self.adaptive_side:
+            return False  # the first pass saw every pixel; the second would see the same
+        tallest = max((f.box[3] - f.box[1] for f in faces), default=0.0)
+        return tallest < self.close_up * long_side
+
+    def network_input(self, images: list[np.ndarray]) -> np.ndarray:
+        """The contiguous float32 ``(N, 3, H, W)`` batch the network gets for ``images`` at
+        ``max_side``, prepared as :meth:`detect` prepares it (an int8 graph is calibrated on it)."""
+        resized = [self._resize(_check_image(image, n), self.max_side)[0] for n, image in enumerate(images)]
+        return np.ascontiguousarray(self._batch(resized).cpu().numpy())
+
+    def _detect_at(self, images: list[np.ndarray], max_side: int | None) -> list[list[Detection]]:
+        """:meth:`detect` with every image shrunk to the long side ``max_side``, one pass."""
+        prepared = [self._resize(image, max_side) for image in images]
         # Images whose padded sizes differ run as separate sub-batches, so a small image is
         # never padded up to a large one (that would multiply its cost on CPU).
         groups: dict[tuple[int, int], list[int]] = {}
@@ -195,6 +269,7 @@ class RetinaFaceDetector:
                 for i, n in enumerate(members):
                     results[n] = self._select(boxes[i], scores[i], points[i], prepared[n][0].shape[:2],
                                               prepared[n][1], images[n])
+        self.runs[max_side] += len(images)
         return results
 
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,12 +280,13 @@ class RetinaFaceDetector:
         loc, conf, landm = (torch.from_numpy(o) for o in outputs)
         return loc, conf, landm
 
-    def _resize(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    @staticmethod
+    def _resize(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, tuple[float, float]]:
         """Downscale so the long side is at most ``max_side``; return (image, (sx, sy))."""
         h, w = image.shape[:2]
-        if self.max_side is None or max(h, w) <= self.max_side:
+        if max_side is None or max(h, w) <= max_side:
             return image, (1.0, 1.0)
-        ratio = self.max_side / max(h, w)
+        ratio = max_side / max(h, w)
         nw, nh = max(1, round(w * ratio)), max(1, round(h * ratio))
         small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
         return small, (nw / w, nh / h)
@@ -218,12 +294,10 @@ class RetinaFaceDetector:
     def _batch(self, images: list[np.ndarray]) -> torch.Tensor:
         """Mean-subtracted BGR float batch, each image top-left, zero (mean) padded.
 
-        For PyTorch the batch is built as NHWC and returned as an NCHW view, i.e.
-        channels-last memory, the faster layout for this network's depthwise convolutions in
-        PyTorch. ONNX Runtime takes a contiguous NCHW array, so that backend fills one directly.
-        On the CPU each image is written into its slot in one pass (uint8 RGB in, float BGR minus
-        the mean out), with no intermediate flipped, float or mean-subtracted copies: about 4x
-        faster than building it with torch operations, and bit for bit the same.
+        For PyTorch the batch is built as NHWC and returned as an NCHW view (channels-last, the
+        faster layout for this network's depthwise convolutions); ONNX Runtime gets a contiguous
+        NCHW array. On the CPU each image is written into its slot in one pass (uint8 RGB in,
+        float BGR minus the mean out): about 4x faster than torch operations, bit for bit the same.
         """
         height = max(_padded_size(i)[0] for i in images)
         width = max(_padded_size(i)[1] for i in images)

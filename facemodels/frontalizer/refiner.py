@@ -22,11 +22,16 @@ refiner reproduces warp-only exactly (up to float rounding): training starts at 
 :func:`frontalize` is the inference entry (uint8 crops + five landmarks -> uint8 frontal faces;
 ``refiner=None`` is warp-only). The checkpoint is an ordinary registry model (``frontal_refiner``,
 safetensors + card): :func:`load_refiner`. No training code is imported here.
+
+The network with its bounded outputs is :meth:`FrontalRefiner.heads`, the part exported to ONNX
+(:func:`facemodels.onnx_export.export_refiner`); :func:`onnx_heads` runs that graph in its place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -44,6 +49,7 @@ __all__ = [
     "IN_CHANNELS",
     "REFINER_ARCH",
     "FrontalRefiner",
+    "Heads",
     "Refined",
     "RefinerNet",
     "default_cfg",
@@ -51,6 +57,7 @@ __all__ = [
     "frontal_refiner",
     "frontalize",
     "load_refiner",
+    "onnx_heads",
 ]
 
 REFINER_ARCH = "frontal_refiner"
@@ -63,6 +70,11 @@ DEFAULT_WIDTH = 16
 DEFAULT_MAX_FLOW = 3.0
 #: The blend mask starts at sigmoid(-2) = 0.12; harmless, as the residual starts at zero.
 MASK_BIAS = -2.0
+
+#: What :meth:`FrontalRefiner.heads` computes: net inputs ``(N, 5, S, S)`` -> flow ``(N, S, S, 2)``
+#: (output pixels), blend mask ``(N, 1, S, S)`` and inpainting residual ``(N, 1, S, S)`` (0..255
+#: scale). PyTorch's own method, or an ONNX Runtime session of its graph (:func:`onnx_heads`).
+Heads = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 def default_cfg(image_size: int = DEFAULT_SIZE) -> ModelCfg:
@@ -174,8 +186,19 @@ class FrontalRefiner(nn.Module):
                           alpha.to(warped).expand(n, 1, s, s) * 2 - 1,
                           yaw[:, None, None, None].expand(n, 1, s, s)], 1)
 
-    def refine(self, src: Tensor, fields: WarpFields, warp: MeshWarp) -> Refined:
-        """Warp ``src`` with ``fields``, run the network, re-sample with its flow, blend."""
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The network and its bounded outputs (see :data:`Heads`): what is exported to ONNX."""
+        raw = self.net(x)
+        flow = self.max_flow * torch.tanh(raw[:, :2].permute(0, 2, 3, 1))
+        return flow, torch.sigmoid(raw[:, 2:3]), 255.0 * torch.tanh(raw[:, 3:4])
+
+    def refine(self, src: Tensor, fields: WarpFields, warp: MeshWarp, *, heads: Heads | None = None,
+               ) -> Refined:
+        """Warp ``src`` with ``fields``, run the network, re-sample with its flow, blend.
+
+        ``heads`` runs the network in place of :meth:`heads` (an ONNX Runtime session's, say);
+        the warp's sampling before and after it stays here, in PyTorch.
+        """
         if warp.size != self.cfg.image_size:
             raise ValueError(f"the warp outputs {warp.size}px, the refiner takes {self.cfg.image_size}px")
         s = warp.size
@@ -184,10 +207,7 @@ class FrontalRefiner(nn.Module):
         samples = sample_input(src, fields.grid.to(src.device), fields.factor)
         warped = warp.blend(samples, weight)
         mirrored = alpha * samples[:, :, s:2 * s] + (1 - alpha) * samples[:, :, 2 * s:]
-        raw = self.net(self.net_inputs(warped, mirrored, fields, alpha))
-        flow = self.max_flow * torch.tanh(raw[:, :2].permute(0, 2, 3, 1))
-        mask = torch.sigmoid(raw[:, 2:3])
-        residual = 255.0 * torch.tanh(raw[:, 3:4])
+        flow, mask, residual = (heads or self.heads)(self.net_inputs(warped, mirrored, fields, alpha))
         resampled = warp.blend(sample_input(src, displace_grid(fields.grid.to(src.device), flow),
                                             fields.factor), weight)
         return Refined(faces=resampled + mask * residual, warped=warped, mirrored=mirrored, flow=flow,
@@ -220,6 +240,19 @@ def load_refiner(path: str, *, device: str | torch.device = "cpu") -> FrontalRef
     return model
 
 
+def onnx_heads(session: Any) -> Heads:
+    """:meth:`FrontalRefiner.heads` on an ONNX Runtime session of the refiner's graph (CPU tensors
+    in and out), the graph :func:`facemodels.onnx_export.export_refiner` writes."""
+    from facemodels.onnx_export import REFINER_INPUT, REFINER_OUTPUTS
+
+    def run(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        flow, mask, residual = session.run(list(REFINER_OUTPUTS),
+                                           {REFINER_INPUT: x.detach().cpu().float().contiguous().numpy()})
+        return torch.from_numpy(flow), torch.from_numpy(mask), torch.from_numpy(residual)
+
+    return run
+
+
 def _gray(images: np.ndarray | Tensor) -> Tensor:
     x = torch.as_tensor(images).cpu()
     if x.dtype != torch.uint8 or x.ndim not in (3, 4):
@@ -232,13 +265,15 @@ def _gray(images: np.ndarray | Tensor) -> Tensor:
 
 @torch.inference_mode()
 def frontalize(images: np.ndarray | Tensor, landmarks: np.ndarray, refiner: FrontalRefiner | None = None,
-               *, warp: MeshWarp | None = None, batch_size: int = 256) -> np.ndarray | Tensor:
+               *, warp: MeshWarp | None = None, batch_size: int = 256, heads: Heads | None = None,
+               ) -> np.ndarray | Tensor:
     """uint8 faces ``(N, H, W)`` (or RGB) + five landmarks ``(N, 5, 2)`` -> uint8 frontal faces.
 
     ``refiner=None`` is warp-only (:meth:`MeshWarp.frontalize`, channels kept). With a refiner the
     output is gray ``(N, S, S)`` at the refiner's size, in the FER framing (resize to 48 for the
     expression classifiers). Returns numpy for numpy input, else a CPU tensor. Landmarks must be
-    finite (drop faces the detector missed).
+    finite (drop faces the detector missed). ``heads`` runs the refiner's network instead of
+    PyTorch (:func:`onnx_heads`; see :meth:`FrontalRefiner.refine`).
     """
     if refiner is None:
         return (warp or MeshWarp()).frontalize(images, landmarks)
@@ -254,7 +289,7 @@ def frontalize(images: np.ndarray | Tensor, landmarks: np.ndarray, refiner: Fron
     for start in range(0, len(x), batch_size):
         chunk = x[start:start + batch_size]
         fields = warp.fields(lm[start:start + batch_size])
-        faces = refiner.refine(chunk[:, None].float().to(device), fields, warp).faces
+        faces = refiner.refine(chunk[:, None].float().to(device), fields, warp, heads=heads).faces
         out.append(faces[:, 0].round().clamp(0, 255).to(torch.uint8).cpu())
     result = torch.cat(out)
     return result.numpy() if isinstance(images, np.ndarray) else result

@@ -1,4 +1,5 @@
-"""GET /models: the loaded models with their cards (which include their training arguments)."""
+"""GET /models: the loaded models with their cards (which include their training arguments), and
+what runs the face detector."""
 
 from __future__ import annotations
 
@@ -17,4 +18,4 @@ async def models(engine: EngineDep) -> ModelsResponse:
     infos = [c.describe() for c in engine.classifiers.values()]
     if engine.frontalizer is not None:
         infos.append(engine.frontalizer.describe())
-    return ModelsResponse(models=[ModelInfo(**i) for i in infos])
+    return ModelsResponse(models=[ModelInfo(**i) for i in infos], detector=engine.detector_info())

@@ -31,7 +31,7 @@ from facemodels.checkpoint import card_path, load_card, weights_path
 from facemodels.models import list_models
 from service.config import MODEL_NAME, RESERVED_MODEL_NAMES, Settings
 
-__all__ = ["ModelSpec", "classifier_specs", "frontalizer_path", "is_classifier_card"]
+__all__ = ["ModelSpec", "classifier_specs", "detector_int8_path", "frontalizer_path", "is_classifier_card"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,16 @@ def frontalizer_path(settings: Settings) -> Path | None:
         return Path(settings.frontalizer_checkpoint)
     shipped = Path(settings.classifier_checkpoint).parent / "frontalizer.safetensors"
     return shipped if settings.use_shipped_extras and shipped.is_file() else None
+
+
+def detector_int8_path(settings: Settings) -> Path | None:
+    """``FER_DETECTOR_INT8_GRAPH``, else a ``detector.int8.onnx`` beside the classifier checkpoint
+    (the shipped ``checkpoints/`` has one; so does a container that bakes them in), else ``None``.
+    Whether it may run is :func:`facemodels.face.detector_int8.usable_int8_graph`'s to say."""
+    if settings.detector_int8_graph is not None:
+        return Path(settings.detector_int8_graph)
+    shipped = Path(settings.classifier_checkpoint).parent / "detector.int8.onnx"
+    return shipped if shipped.is_file() else None
 
 
 def _same_file(path: Path) -> Path:

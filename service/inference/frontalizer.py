@@ -9,7 +9,9 @@
   :class:`~facemodels.frontalizer.warp.MeshWarp`), alone or refined by a ``frontal_refiner``
   checkpoint (:mod:`facemodels.frontalizer.refiner`). Alone it needs no weights, so
   ``/frontalize`` works out of the box; its evaluation (docs/frontalizer.md) found it lowers
-  expression accuracy, so ``frontalize=auto`` never picks warp-only.
+  expression accuracy, so ``frontalize=auto`` never picks warp-only. With the ``onnx`` backend the
+  refiner's network runs on ONNX Runtime (its graph exported into ``<cache_dir>/onnx/`` by
+  :func:`~facemodels.onnx_export.cached_refiner_onnx`); the warp's sampling stays in PyTorch.
 
 Both take :class:`FrontalJob` batches through the same dynamic batcher.
 """
@@ -25,14 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from facemodels.cache import default_cache_root
 from facemodels.checkpoint import CheckpointError, card_path, code_version, load_card, load_checkpoint
 from facemodels.face.align import template_for
 from facemodels.face.pose_framing import frame_pose_face
 from facemodels.frontalizer.model import frontalize_faces
-from facemodels.frontalizer.refiner import REFINER_ARCH, FrontalRefiner, load_refiner
+from facemodels.frontalizer.refiner import REFINER_ARCH, FrontalRefiner, Heads, load_refiner, onnx_heads
 from facemodels.frontalizer.refiner import frontalize as refine_frontalize
 from facemodels.frontalizer.warp import DEFAULT_SIZE, MeshWarp
 from facemodels.frontalizer.yaw import YawRange
+from facemodels.onnx_export import cached_refiner_onnx, create_session
 
 __all__ = ["FrontalJob", "FrontalizerModel", "WarpFrontalizerModel", "load_frontalizer"]
 
@@ -112,11 +116,23 @@ class WarpFrontalizerModel:
     Warp-only needs nothing beyond the mesh that ships with :mod:`facemodels.frontalizer`; its
     evaluation found it lowers expression accuracy, so ``frontalize=auto`` never picks it. A
     refiner's card says where it helps, as a GAN checkpoint's does.
+
+    ``backend`` is the service's resolved backend (``torch`` or ``onnx``, as the classifiers get
+    it). With ``onnx`` the refiner's network runs on an ONNX Runtime session (``threads``,
+    ``spinning`` as :func:`~facemodels.onnx_export.create_session`); warp-only has no network,
+    so it always reports ``torch``.
     """
 
-    def __init__(self, refiner_path: Path | None = None, *, device: torch.device | None = None) -> None:
+    def __init__(self, refiner_path: Path | None = None, *, device: torch.device | None = None,
+                 backend: str = "torch", cache_dir: Path | None = None, threads: int = 1,
+                 spinning: bool = False) -> None:
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend must be torch or onnx, got {backend!r}")
         self.path = refiner_path
         self.refiner: FrontalRefiner | None = None
+        self.backend = "torch"
+        self.onnx_path: Path | None = None
+        self._heads: Heads | None = None
         if refiner_path is None:
             self.size = DEFAULT_SIZE
             self.card: dict[str, Any] = {
@@ -133,10 +149,17 @@ class WarpFrontalizerModel:
             self.card = load_card(refiner_path)
             self.size = self.refiner.cfg.image_size
             self.helpful_yaw = _helpful_yaw(self.card, refiner_path)
+            if backend == "onnx":
+                if device is not None and device.type != "cpu":
+                    raise ValueError(f"the onnx backend runs on the CPU, not {device}")
+                self.onnx_path = cached_refiner_onnx(refiner_path, cache_dir or default_cache_root(),
+                                                     model=self.refiner)
+                self._heads = onnx_heads(create_session(self.onnx_path, threads=threads, spinning=spinning))
+                self.backend = "onnx"
         self.warp = _mesh_warp(self.size)
-        log.info("frontalizer: mesh warp%s (%dx%d); auto frontalises |yaw| in %s",
+        log.info("frontalizer: mesh warp%s (%dx%d, %s); auto frontalises |yaw| in %s",
                  f" + refiner {refiner_path}" if refiner_path else " only, no checkpoint", self.size,
-                 self.size, [r.label for r in self.helpful_yaw] or "no bin")
+                 self.size, self.backend, [r.label for r in self.helpful_yaw] or "no bin")
 
     @property
     def version(self) -> str:
@@ -145,7 +168,7 @@ class WarpFrontalizerModel:
     def describe(self) -> dict[str, Any]:
         device = next(self.refiner.parameters()).device if self.refiner is not None else "cpu"
         return {"name": "frontalizer", "role": "frontalizer", "arch": str(self.card["arch"]),
-                "version": self.version, "device": str(device), "card": self.card}
+                "version": self.version, "device": str(device), "backend": self.backend, "card": self.card}
 
     def helps_at(self, yaw: float) -> bool:
         """Whether the card's evaluation found frontalising helps at this |yaw| (never for warp-only)."""
@@ -155,11 +178,18 @@ class WarpFrontalizerModel:
         """Frontal faces (uint8, ``size`` square) for framed faces (batcher worker thread)."""
         crops = np.stack([j.crop for j in jobs])
         landmarks = np.stack([j.landmarks for j in jobs])
-        return list(refine_frontalize(crops, landmarks, self.refiner, warp=self.warp))
+        return list(refine_frontalize(crops, landmarks, self.refiner, warp=self.warp, heads=self._heads))
 
 
-def load_frontalizer(path: Path, *, device: torch.device) -> FrontalizerModel | WarpFrontalizerModel:
-    """The service model for a frontaliser checkpoint: a warp refiner or a DR-GAN, by its card."""
+def load_frontalizer(path: Path, *, device: torch.device, backend: str = "torch",
+                     cache_dir: Path | None = None, threads: int = 1, spinning: bool = False,
+                     ) -> FrontalizerModel | WarpFrontalizerModel:
+    """The service model for a frontaliser checkpoint: a warp refiner or a DR-GAN, by its card.
+
+    ``backend`` (with ``cache_dir``, ``threads``, ``spinning``) is the service's resolved backend,
+    as the classifiers get it; it applies to a warp refiner. A DR-GAN runs on PyTorch.
+    """
     if load_card(path).get("arch") == REFINER_ARCH:
-        return WarpFrontalizerModel(path, device=device)
+        return WarpFrontalizerModel(path, device=device, backend=backend, cache_dir=cache_dir,
+                                    threads=threads, spinning=spinning)
     return FrontalizerModel(path, device=device)

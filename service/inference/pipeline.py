@@ -19,11 +19,14 @@ import torch
 from facemodels.device import resolve_device
 from facemodels.face.align import align_face, resize_face
 from facemodels.face.detector import Detection, RetinaFaceDetector
+from facemodels.face.detector_int8 import usable_int8_graph
 from facemodels.face.pose import estimate_yaw
+from facemodels.face.retinaface_convert import ARCH as DETECTOR_ARCH
+from facemodels.face.retinaface_convert import ensure_detector_weights
 from facemodels.onnx_export import resolve_backend
 from service.config import Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
-from service.inference.catalog import classifier_specs, frontalizer_path
+from service.inference.catalog import classifier_specs, detector_int8_path, frontalizer_path
 from service.inference.classifier import Classifier, FaceJob
 from service.inference.decode import image_scale, original_size
 from service.inference.frontalizer import (
@@ -170,18 +173,19 @@ class InferenceEngine:
         # default_threads() (half the usable cores).
         runtime = dict(backend=self.backend, cache_dir=s.cache_dir, threads=self.threads,
                        spinning=s.ort_spinning)
-        kwargs = dict(device=self.device, score_threshold=s.detection_threshold,
-                      min_face_size=s.min_face_size, max_side=s.detector_max_side, **runtime)
-        if s.detector_weights is not None:
-            self.detector = RetinaFaceDetector(s.detector_weights, **kwargs)
-        else:
-            self.detector = RetinaFaceDetector.from_cache(s.cache_dir, **kwargs)
+        weights = s.detector_weights or ensure_detector_weights(s.cache_dir)
+        graph = detector_int8_path(s) if self.backend == "onnx" and s.int8 == "auto" else None
+        self.detector = RetinaFaceDetector(
+            weights, device=self.device, score_threshold=s.detection_threshold,
+            min_face_size=s.min_face_size, max_side=s.detector_max_side,
+            adaptive_side=s.detector_adaptive_side or None, close_up=s.detector_closeup_fraction,
+            int8_graph=usable_int8_graph(graph, weights) if graph is not None else None, **runtime)
         for spec in classifier_specs(s):  # default first; each checkpoint file loaded once
             self.classifiers[spec.name] = Classifier(spec.path, name=spec.name, role=spec.role,
                                                      device=self.device, int8=s.int8, **runtime)
         frontalizer = frontalizer_path(s)
         if frontalizer is not None:
-            self.frontalizer = load_frontalizer(frontalizer, device=self.device)
+            self.frontalizer = load_frontalizer(frontalizer, device=self.device, **runtime)
         elif s.frontalizer_warp:
             self.frontalizer = WarpFrontalizerModel()
 
@@ -198,6 +202,16 @@ class InferenceEngine:
     def _detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
         assert self.detector is not None
         return self.detector.detect(images)
+
+    def detector_info(self) -> dict[str, Any]:
+        """What runs the detector (``GET /models``): backend, precision, the int8 graph, sides."""
+        d = self.detector
+        assert d is not None
+        return {"name": "detector", "arch": DETECTOR_ARCH, "device": str(d.device),
+                "backend": d.backend, "precision": d.precision,
+                "graph": d.onnx_path.name if d.precision == "int8" and d.onnx_path else None,
+                "max_side": d.max_side, "adaptive_side": d.adaptive_side,
+                "closeup_fraction": d.close_up if d.adaptive_side else None}
 
     def classifier(self, name: str) -> Classifier:
         try:

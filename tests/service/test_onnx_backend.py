@@ -9,12 +9,16 @@ they set FER_INT8=off (the shipped default's int8 graph is tested in test_int8.p
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import ValidationError
 
 from service.config import DEFAULT_CHECKPOINTS, Settings
@@ -155,3 +159,36 @@ def test_detector_weights_from_the_cache_on_both_backends(source_file: Path, tmp
             assert len(_faces(c, face_jpeg, "model=default")) == 1
     assert (tmp_path / "detector" / "retinaface_mnet025.safetensors").is_file()
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2  # the detector and the default
+
+
+def _batches(c: TestClient, model: str) -> float:
+    text = c.get("/metrics").text
+    return float(re.search(rf'^fer_batch_size_count{{model="{model}"}} (\S+)$', text, re.M).group(1))
+
+
+def test_refiner_frontaliser_on_onnx_answers_like_torch(make_settings, trained_refiner: Path,
+                                                        face_jpeg: bytes) -> None:
+    """A frontal_refiner checkpoint (non-zero weights): on the onnx backend its network runs in
+    ONNX Runtime from a graph exported into the cache, through the same batcher and metrics, and
+    /frontalize answers the torch backend's faces within one grey level (the graphs agree within
+    about 1e-5 of the image range; the PNG is uint8)."""
+    faces: dict[str, np.ndarray] = {}
+    for backend in ("torch", "onnx"):
+        settings = make_settings(backend=backend, frontalizer_checkpoint=trained_refiner, torch_threads=1,
+                                 frontalize_min_yaw=0, int8="off")
+        with TestClient(create_app(settings)) as c:
+            fz = c.app.state.engine.frontalizer
+            assert fz.backend == backend and (fz.onnx_path is not None) == (backend == "onnx")
+            (info,) = [m for m in c.get("/models").json()["models"] if m["role"] == "frontalizer"]
+            assert info["arch"] == "frontal_refiner" and info["backend"] == backend
+            before = _batches(c, "frontalizer")
+            r = c.post("/frontalize", content=face_jpeg, headers=JPEG)
+            assert r.status_code == 200, r.text
+            (face,) = r.json()["faces"]
+            faces[backend] = np.asarray(Image.open(io.BytesIO(base64.b64decode(face["image_png"]))))
+            (predicted,) = _faces(c, face_jpeg, "model=default&frontalize=on")
+            assert predicted["frontalized"] is True
+            assert _batches(c, "frontalizer") == before + 2
+    assert faces["torch"].shape == (64, 64) and faces["torch"].std() > 10
+    diff = np.abs(faces["onnx"].astype(int) - faces["torch"].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01

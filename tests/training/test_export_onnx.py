@@ -1,4 +1,5 @@
-"""``fer-train export --format onnx``: a classifier checkpoint or the detector weights to ONNX."""
+"""``fer-train export --format onnx``: a classifier or refiner checkpoint or the detector weights to
+ONNX."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ import torch
 
 from facemodels.checkpoint import load_checkpoint, save_checkpoint
 from facemodels.face.detector import load_detector_net
+from facemodels.frontalizer.refiner import load_refiner
 from facemodels.models import create_model
-from facemodels.onnx_export import CLASSIFIER_ATOL, DETECTOR_ATOL, create_session
+from facemodels.onnx_export import (
+    CLASSIFIER_ATOL,
+    DETECTOR_ATOL,
+    REFINER_ATOL,
+    REFINER_OUTPUTS,
+    create_session,
+)
 from facemodels.predict import predict_probs, predict_probs_onnx
 from training.cli import main
 
@@ -48,3 +56,16 @@ def test_export_detector_to_onnx(detector_weights: Path, tmp_path: Path) -> None
         want = load_detector_net(detector_weights).eval()(torch.from_numpy(x))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w.numpy(), atol=DETECTOR_ATOL, rtol=0)
+
+
+def test_export_refiner_to_onnx(trained_refiner: Path, tmp_path: Path) -> None:
+    """A frontal_refiner checkpoint exports its network (flow, mask, residual), batch dynamic."""
+    assert main(["export", str(trained_refiner), str(tmp_path / "refiner"), "--format", "onnx"]) == 0
+    note = json.loads((tmp_path / "refiner.onnx.json").read_text())
+    assert note["arch"] == "frontal_refiner" and note["max_abs_diff_vs_torch"] <= REFINER_ATOL
+    x = torch.empty(3, 5, 64, 64).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    got = create_session(tmp_path / "refiner.onnx").run(list(REFINER_OUTPUTS), {"input": x.numpy()})
+    with torch.inference_mode():
+        want = load_refiner(str(trained_refiner)).eval().heads(x)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), atol=REFINER_ATOL, rtol=0)

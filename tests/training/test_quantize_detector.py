@@ -1,8 +1,10 @@
-"""``training.quantize_detector``: the int8 (static QDQ) RetinaFace graph loads and finds faces."""
+"""``training.quantize_detector``: the int8 (static QDQ) RetinaFace graph loads and finds faces;
+``fer-train quantize-detector`` writes it with the note the service checks."""
 
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import cv2
@@ -11,7 +13,10 @@ import onnx
 import pytest
 
 from facemodels.face.detector import Detection, RetinaFaceDetector
+from facemodels.face.detector_int8 import note_path, tensors_sha256, usable_int8_graph
+from facemodels.onnx_export import sha256_file
 from tests.support import require_shared
+from training import quantize_detector as quantize_module
 from training.data.cfp import EVAL_IDS, TRAIN_IDS, read_fiducials
 from training.quantize_detector import (
     FLOAT_HEADS,
@@ -105,3 +110,37 @@ def test_int8_detector_finds_faces_in_cfp_photos(fp32: RetinaFaceDetector, detec
         cx, cy = read_fiducials(data / "Fiducials" / f"{name}.txt").mean(0)
         faces = int8.detect([photo])[0]
         assert any(x1 <= cx <= x2 and y1 <= cy <= y2 for x1, y1, x2, y2 in (f.box for f in faces)), name
+
+
+def test_cli_writes_the_graph_and_the_note_the_service_checks(
+    detector_weights: Path, face_image: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``fer-train quantize-detector OUT`` on the cache holding the detector weights; the CFP
+    photos are swapped for the fixture photo (mirrored and enlarged: 3 photos, one per long side)."""
+    from training.cli import main
+
+    photos = [face_image, face_image[:, ::-1].copy(), cv2.resize(face_image, (480, 480))]
+    drawn: list[tuple[Path, int, int]] = []
+
+    def fake_photos(cfp: Path, n: int, *, seed: int = 0) -> list[np.ndarray]:
+        drawn.append((cfp, n, seed))
+        return photos[:n]
+
+    monkeypatch.setattr(quantize_module, "calibration_photos", fake_photos)
+    cache = detector_weights.parents[1]  # <cache>/detector/retinaface_mnet025.safetensors
+    out = tmp_path / "detector.int8"
+    assert main(["quantize-detector", str(out), "--calibration", "3", "--seed", "4",
+                 "--cfp", str(tmp_path / "cfp"), "--cache-dir", str(cache)]) == 0
+    graph = tmp_path / "detector.int8.onnx"
+    assert drawn == [(tmp_path / "cfp", 3, 4)]
+    note = json.loads(note_path(graph).read_text())
+    assert note["onnx_sha256"] == sha256_file(graph) and note["onnx_file"] == graph.name
+    assert note["weights_tensors_sha256"] == tensors_sha256(detector_weights)
+    fp32 = RetinaFaceDetector(detector_weights, backend="onnx", cache_dir=cache).onnx_path
+    assert note["fp32_onnx_sha256"] == sha256_file(fp32)
+    calibration = note["calibration"]
+    assert (calibration["photos"], calibration["seed"], calibration["long_sides"]) == (3, 4, [320, 480, 640])
+    assert calibration["ids"] == "001-450 (training)"
+    assert usable_int8_graph(graph, detector_weights) == graph
+    (face,) = load_int8_detector(graph, weights=detector_weights, cache_dir=cache).detect([face_image])[0]
+    assert face.score > 0.9
