@@ -71,9 +71,11 @@ def free_port() -> int:
 def start_server(port: int, env: dict[str, str], stack: str = "auto/auto", tree: Path = ROOT
                  ) -> subprocess.Popen:
     """``fer-serve`` on loopback, run from the source tree ``tree`` (its ``service`` package)."""
-    loop, http = stack.split("/")
     cmd = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--loop", loop, "--http", http]
+           "--log-level", "warning"]
+    if stack != "auto/auto":  # trees older than 2026-12-02 have no --loop/--http
+        loop, http = stack.split("/")
+        cmd += ["--loop", loop, "--http", http]
     proc = subprocess.Popen(cmd, cwd=tree, env={**os.environ, **env})
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
