@@ -119,3 +119,15 @@ def trained_refiner(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            model_kwargs={"width": 16, "max_flow": 3.0},
                            metrics={"FER2013-PublicTest": {"frontalize_helps": [
                                {"min_abs_yaw": 0.0, "max_abs_yaw": None}]}})
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test, restored after: timings and numerics do not
+    depend on the machine's core count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

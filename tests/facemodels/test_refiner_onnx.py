@@ -13,7 +13,6 @@ gradient), and 1 uint8 pixel in 300,000 one level off.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -40,12 +39,7 @@ pytest.importorskip("onnx", reason="the onnx package (serve and dev extras) is t
 FACE_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -46,12 +45,7 @@ _FLAT = RenderConfig(max_yaw=0, max_pitch=0, max_roll=0, width=(1, 1), height=(1
                      contrast=(1, 1), brightness=0, gamma=(1, 1), blur_p=0, noise=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
