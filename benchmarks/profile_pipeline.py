@@ -62,6 +62,7 @@ from service.inference.classifier import Classifier, FaceJob  # noqa: E402
 from service.inference.decode import decode_image  # noqa: E402
 from service.inference.pipeline import FaceResult, face_yaw  # noqa: E402
 from service.schemas import ImageInfo, ModelRef, PredictResponse  # noqa: E402
+from training.quantize_detector import letterbox  # noqa: E402
 
 STAGES = ("decode", "detect", "align", "classify", "encode")
 
@@ -77,22 +78,13 @@ def _cfp_files(root: Path, n: int) -> list[Path]:
     return files[::step][:n]
 
 
-def _letterbox(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
-    scale = min(width / rgb.shape[1], height / rgb.shape[0])
-    w, h = round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)
-    canvas = np.zeros((height, width, 3), np.uint8)
-    top, left = (height - h) // 2, (width - w) // 2
-    canvas[top:top + h, left:left + w] = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
-    return canvas
-
-
 def _group_frame(files: list[Path], faces: int) -> np.ndarray:
     """A 1280x720 frame with ``faces`` CFP photos (about 150x190 px each) on a grey background."""
     frame = np.full((720, 1280, 3), 96, np.uint8)
     cols = (faces + 1) // 2
     for i, f in enumerate(files[-faces:]):
         rgb = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
-        tile = _letterbox(rgb, 1280 // cols - 20, 340)
+        tile = letterbox(rgb, 1280 // cols - 20, 340)
         row, col = divmod(i, cols)
         y, x = 20 + row * 360, 10 + col * (1280 // cols)
         frame[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
@@ -101,7 +93,7 @@ def _group_frame(files: list[Path], faces: int) -> np.ndarray:
 
 def photo_set(data: Path, n: int, group_faces: int) -> list[bytes]:
     files = _cfp_files(data, n + group_faces)
-    images = [_letterbox(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB), 640, 480) for f in files[:n]]
+    images = [letterbox(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB), 640, 480) for f in files[:n]]
     images.append(_group_frame(files[n:], group_faces))
     out = []
     for rgb in images:
