@@ -7,6 +7,10 @@ Architectures named with --untrained get a row of their own with the size and sp
 (speed does not depend on the weights) and no accuracy, so the table lists the whole zoo.
 
     python benchmarks/model_table.py checkpoints/default runs/*/best --untrained vgg19 resnet34
+
+With ``--save-probs DIR`` each checkpoint's PublicTest probabilities (1-crop and 10-crop) are
+also written to ``DIR/<name>.safetensors`` (:mod:`training.member_probs`), so ensembles of
+models whose weights are not kept can be scored later with ``benchmarks/ensemble_table.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from facemodels.models.complexity import count_flops, count_params, measure_late
 from training.data.dataset import FaceDataset  # noqa: E402
 from training.data.fer2013 import load_fer2013  # noqa: E402
 from training.engine import evaluate  # noqa: E402
+from training.member_probs import MemberProbs, save_member_probs  # noqa: E402
 
 
 def size_and_speed(model: torch.nn.Module, *, repeats: int) -> str:
@@ -36,11 +41,23 @@ def size_and_speed(model: torch.nn.Module, *, repeats: int) -> str:
     return f"{count_params(model) / 1e6:.2f}M | {gflops:.3f} | {ms1:.2f} | {ms32:.2f}"
 
 
-def row(path: Path, data: FaceDataset, *, repeats: int) -> str:
+def member_name(path: Path) -> str:
+    """``runs/vgg19_kd/best`` -> ``vgg19_kd``; ``checkpoints/default`` -> ``default``."""
+    return path.parent.name if path.name.removesuffix(".safetensors") in ("best", "last") else \
+        path.name.removesuffix(".safetensors")
+
+
+def row(path: Path, data: FaceDataset, *, repeats: int, probs_dir: Path | None = None) -> str:
     model, card = load_checkpoint(path)
     speed = size_and_speed(model, repeats=repeats)
-    one = evaluate(model, data.images, data.labels).accuracy
-    ten = evaluate(model, data.images, data.labels, tta=True).accuracy
+    one_crop = evaluate(model, data.images, data.labels)
+    ten_crop = evaluate(model, data.images, data.labels, tta=True)
+    one, ten = one_crop.accuracy, ten_crop.accuracy
+    if probs_dir is not None:
+        name = member_name(path)
+        save_member_probs(probs_dir / f"{name}.safetensors", MemberProbs(
+            name=name, split="PublicTest", data_fingerprint=data.fingerprint, labels=data.labels,
+            probs_1crop=one_crop.probs, probs_10crop=ten_crop.probs, checkpoint=str(path)))
     epochs = card.get("epochs_trained", "-")
     wall = card.get("wall_time_s")
     wall_s = f"{wall / 60:.0f} min" if isinstance(wall, (int, float)) else "-"
@@ -62,6 +79,8 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/fer2013"))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--save-probs", type=Path, metavar="DIR",
+                   help="also write each checkpoint's PublicTest probabilities to DIR/<name>.safetensors")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +90,7 @@ def main() -> None:
           "| PublicTest 10-crop % | epochs | wall time | device |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
-        print(row(path, data, repeats=args.repeats), flush=True)
+        print(row(path, data, repeats=args.repeats, probs_dir=args.save_probs), flush=True)
     for arch in args.untrained:
         print(untrained_row(arch, repeats=args.repeats), flush=True)
 
