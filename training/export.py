@@ -84,11 +84,22 @@ def export_main(args: argparse.Namespace) -> dict[str, Any]:
         data_fingerprint=card.get("data_fingerprint"), extra=extra, half=args.half,
     )
     reloaded, _ = load_checkpoint(out)
-    x = torch.randn(4, model.cfg.in_chans, model.cfg.input_size, model.cfg.input_size)
-    with torch.no_grad():
-        drift = (model(x).float().softmax(1) - reloaded(x).float().softmax(1)).abs().max().item()
+    if card["arch"] == REFINER_ARCH:  # not a classifier: compare the weights themselves
+        drift_key, drift = "max_weight_drift", _weight_drift(model, reloaded)
+    else:
+        x = torch.randn(4, model.cfg.in_chans, model.cfg.input_size, model.cfg.input_size)
+        with torch.no_grad():
+            drift = (model(x).float().softmax(1) - reloaded(x).float().softmax(1)).abs().max().item()
+        drift_key = "max_prob_drift"
     if args.confusion is not None:
         shutil.copyfile(args.confusion, out.with_name(out.stem + "_confusion.png"))
-    log.info("exported %s -> %s (%.1f MB, max prob drift %.2e)", args.source, out,
-             out.stat().st_size / 2**20, drift)
-    return {"weights": str(out), "card": str(card_path(out)), "max_prob_drift": drift}
+    log.info("exported %s -> %s (%.1f MB, %s %.2e)", args.source, out,
+             out.stat().st_size / 2**20, drift_key.replace("_", " "), drift)
+    return {"weights": str(out), "card": str(card_path(out)), drift_key: drift}
+
+
+def _weight_drift(model: torch.nn.Module, reloaded: torch.nn.Module) -> float:
+    """Largest absolute difference between two models' floating-point tensors (0 for a copy)."""
+    theirs = reloaded.state_dict()
+    return max((float((v.float() - theirs[k].float()).abs().max()) for k, v in model.state_dict().items()
+                if v.is_floating_point() and v.numel()), default=0.0)

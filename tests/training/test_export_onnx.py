@@ -69,3 +69,15 @@ def test_export_refiner_to_onnx(trained_refiner: Path, tmp_path: Path) -> None:
         want = load_refiner(str(trained_refiner)).eval().heads(x)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w.numpy(), atol=REFINER_ATOL, rtol=0)
+
+
+def test_export_refiner_as_safetensors_keeps_weights_and_card(trained_refiner: Path, tmp_path: Path) -> None:
+    """The shipping copy of a refiner (``checkpoints/frontalizer``): same weights, card kept."""
+    assert main(["export", str(trained_refiner), str(tmp_path / "frontalizer")]) == 0
+    source, card = load_checkpoint(trained_refiner)
+    copy, copy_card = load_checkpoint(tmp_path / "frontalizer")
+    assert copy_card["arch"] == card["arch"] == "frontal_refiner"
+    assert copy_card["exported_from"].endswith(".safetensors")
+    theirs = copy.state_dict()
+    for k, v in source.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
