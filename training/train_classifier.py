@@ -55,8 +55,8 @@ from training.distributed import (
 from training.ema import WeightAverage
 from training.engine import Distillation, evaluate, train_one_epoch
 from training.metrics import classification_report
-from training.precise_bn import recalibrate_batchnorm
 from training.plots import plot_confusion_matrix, plot_training_curves
+from training.precise_bn import recalibrate_batchnorm
 from training.runtime import resolved_args, seed_everything
 from training.train_state import load_train_state, save_train_state
 
