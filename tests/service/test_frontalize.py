@@ -169,3 +169,26 @@ def test_a_refiner_checkpoint_is_served_on_the_warp(make_settings, client: TestC
         (face,) = c.post("/predict", content=face_jpeg, headers=JPEG).json()["faces"]
         assert face["frontalized"] is True  # auto: the card says it helps at every |yaw|
     assert np.abs(refined.astype(int) - warp_only[0].astype(int)).max() <= 1
+
+
+def test_the_shipped_frontalizer_is_served_beside_the_shipped_classifier(
+        make_settings, client: TestClient, face_jpeg: bytes) -> None:
+    """A fresh clone's configuration: checkpoints/default brings checkpoints/frontalizer (the
+    trained warp refiner) along; it changes the warp's pixels, and since its card's evaluation
+    found no yaw bin where it raises accuracy, frontalize=auto leaves every face alone."""
+    from service.config import DEFAULT_CHECKPOINTS
+
+    shipped = make_settings(classifier_checkpoint=DEFAULT_CHECKPOINTS / "default.safetensors",
+                            use_shipped_extras=True, frontalize_min_yaw=0)
+    with TestClient(create_app(shipped)) as c:
+        r = c.post("/frontalize", content=face_jpeg, headers=JPEG)
+        assert r.json()["model"]["arch"] == "frontal_refiner"
+        (refined,) = _png_faces(r)
+        roles = {m["name"]: m for m in c.get("/models").json()["models"]}
+        assert roles["frontalizer"]["arch"] == "frontal_refiner"
+        (auto,) = c.post("/predict?frontalize=auto", content=face_jpeg, headers=JPEG).json()["faces"]
+        (on,) = c.post("/predict?frontalize=on", content=face_jpeg, headers=JPEG).json()["faces"]
+        assert auto["frontalized"] is False and on["frontalized"] is True
+    (warp_only,) = _png_faces(client.post("/frontalize", content=face_jpeg, headers=JPEG))
+    assert refined.shape == warp_only.shape == (64, 64)
+    assert np.abs(refined.astype(int) - warp_only.astype(int)).mean() > 0.5, "the refiner changed nothing"
