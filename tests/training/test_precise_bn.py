@@ -40,21 +40,8 @@ def test_a_model_without_batchnorm_is_left_alone() -> None:
 
 
 @pytest.mark.slow
-def test_trainer_logs_accuracy_before_and_after_recalibration(tmp_path: Path) -> None:
-    import cv2
-    import numpy as np
-
-    from tests.support import synthetic_face
-
-    rng = np.random.default_rng(0)
-    data, i = tmp_path / "fer2013", 0
-    for split, prefix, n in (("train", "Training", 12), ("test", "PublicTest", 4)):
-        for label, name in enumerate(("angry", "disgust", "fear", "happy", "sad", "surprise",
-                                      "neutral")):
-            (data / split / name).mkdir(parents=True)
-            for _ in range(n):
-                i += 1
-                cv2.imwrite(str(data / split / name / f"{prefix}_{i}.png"), synthetic_face(label, rng))
+def test_trainer_logs_accuracy_before_and_after_recalibration(tmp_path: Path, make_fer_folder) -> None:
+    data = make_fer_folder(per_class_train=12, per_class_test=4)
     out = tmp_path / "run"
     assert cli_main(["classify", "--model", "compact_resnet", "--data", str(data), "--output-dir",
                      str(out), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
