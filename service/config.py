@@ -36,6 +36,13 @@ class Settings(BaseSettings):
         None, description="ensemble served as model=ensemble; None uses ensemble.safetensors beside "
                           "the classifier checkpoint if shipped",
     )
+    frontalizer: Literal["auto", "warp", "off"] = Field(
+        "auto", description="FER_FRONTALIZER: auto serves the frontaliser checkpoint (the shipped "
+                            "warp refiner GAN unless FER_FRONTALIZER_CHECKPOINT names another), else "
+                            "the warp-only one (see FER_FRONTALIZER_WARP); warp: the warp-only "
+                            "frontaliser even when a checkpoint is there; off: none, /frontalize and "
+                            "frontalize=on answer 501",
+    )
     frontalizer_checkpoint: Path | None = Field(
         None, description="GAN frontaliser checkpoint; None uses frontalizer.safetensors beside the "
                           "classifier checkpoint if shipped",

@@ -102,8 +102,8 @@ def _rescale(face: Detection, sx: float, sy: float) -> Detection:
 class FrontalizerUnavailableError(RuntimeError):
     """Frontalising was asked for but the server runs without a frontaliser."""
 
-    MESSAGE = ("this server runs without a frontaliser (FER_FRONTALIZER_WARP=false and no "
-               "FER_FRONTALIZER_CHECKPOINT)")
+    MESSAGE = ("this server runs without a frontaliser (FER_FRONTALIZER=off, or "
+               "FER_FRONTALIZER_WARP=false and no frontaliser checkpoint)")
 
 
 class FrontalizeMode(StrEnum):
@@ -183,10 +183,10 @@ class InferenceEngine:
         for spec in classifier_specs(s):  # default first; each checkpoint file loaded once
             self.classifiers[spec.name] = Classifier(spec.path, name=spec.name, role=spec.role,
                                                      device=self.device, int8=s.int8, **runtime)
-        frontalizer = frontalizer_path(s)
+        frontalizer = frontalizer_path(s) if s.frontalizer == "auto" else None
         if frontalizer is not None:
             self.frontalizer = load_frontalizer(frontalizer, device=self.device, **runtime)
-        elif s.frontalizer_warp:
+        elif s.frontalizer == "warp" or (s.frontalizer == "auto" and s.frontalizer_warp):
             self.frontalizer = WarpFrontalizerModel()
 
     async def _warmup(self) -> None:

@@ -192,3 +192,23 @@ def test_the_shipped_frontalizer_is_served_beside_the_shipped_classifier(
     (warp_only,) = _png_faces(client.post("/frontalize", content=face_jpeg, headers=JPEG))
     assert refined.shape == warp_only.shape == (64, 64)
     assert np.abs(refined.astype(int) - warp_only.astype(int)).mean() > 0.5, "the refiner changed nothing"
+
+
+@pytest.mark.parametrize(("mode", "arch"), [("warp", "mesh_warp"), ("off", None)])
+def test_frontalizer_setting_overrides_the_shipped_checkpoint(make_settings, face_jpeg: bytes,
+                                                              mode: str, arch: str | None) -> None:
+    """FER_FRONTALIZER=warp serves the warp-only frontaliser although a checkpoint is shipped;
+    off turns frontalising off with a 501 that names the setting."""
+    from service.config import DEFAULT_CHECKPOINTS
+
+    settings = make_settings(classifier_checkpoint=DEFAULT_CHECKPOINTS / "default.safetensors",
+                             use_shipped_extras=True, frontalizer=mode)
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/frontalize", content=face_jpeg, headers=JPEG)
+        roles = {m["role"] for m in c.get("/models").json()["models"]}
+        if arch is None:
+            assert r.status_code == 501 and "FER_FRONTALIZER=off" in r.json()["error"]["message"]
+            assert "frontalizer" not in roles
+        else:
+            assert r.status_code == 200 and r.json()["model"]["arch"] == arch
+            assert "frontalizer" in roles

@@ -29,7 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, detector_weights: Path) -> 
     find_chromium()  # no browser, no point starting the server
     need_playwright()
     with run_server(tmp_path_factory.mktemp("server"), detector_weights,
-                    FER_FRONTALIZER_WARP="false") as s:
+                    FER_FRONTALIZER="off") as s:
         yield s
 
 
