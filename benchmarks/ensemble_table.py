@@ -2,8 +2,9 @@
 
 Every member is a file written by ``benchmarks/model_table.py --save-probs DIR``: one model's
 FER2013 PublicTest probabilities, 1-crop and 10-crop. An ensemble's row is the accuracy of the
-equal-weight average of its members' probabilities, which is what the served soft-voting
-ensemble computes, so rows can be measured for models whose weights are no longer at hand.
+equal-weight average of its members' probabilities, which is what a soft-voting ensemble with
+equal weights (`fer-train ensemble --weights average`) computes, so rows can be measured for
+models whose weights are no longer at hand.
 
     python benchmarks/ensemble_table.py results/publictest_probs \\
         --ensemble thesis=cnn3_kd,cnn5_kd,cnn7_kd,vgg19_kd,resnet18_kd,resnet34_kd \\
@@ -32,7 +33,12 @@ def load_members(paths: list[Path]) -> dict[str, MemberProbs]:
     files: list[Path] = []
     for path in paths:
         files += sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    members = {m.name: m for m in map(load_member_probs, files)}
+    members: dict[str, MemberProbs] = {}
+    for member in map(load_member_probs, files):
+        if member.name in members:
+            raise SystemExit(f"two member files are named {member.name!r}: "
+                             f"{members[member.name].source} and {member.source}")
+        members[member.name] = member
     if not members:
         raise SystemExit(f"no member files in {', '.join(map(str, paths))}")
     return members
@@ -51,6 +57,7 @@ def parse_ensemble(spec: str, members: dict[str, MemberProbs]) -> tuple[str, lis
 
 
 def table_row(label: str, group: list[MemberProbs]) -> str:
+    """One Markdown row: label, member count, 1-crop and 10-crop accuracy, member names."""
     one = average_accuracy(group, tta=False) * 100
     ten = average_accuracy(group, tta=True) * 100
     return f"| {label} | {len(group)} | {one:.2f} | {ten:.2f} | {', '.join(m.name for m in group)} |"

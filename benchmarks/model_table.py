@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from facemodels.checkpoint import load_checkpoint  # noqa: E402
+from facemodels.checkpoint import load_checkpoint, weights_path  # noqa: E402
 from facemodels.models import create_model  # noqa: E402
 from facemodels.models.complexity import count_flops, count_params, measure_latency  # noqa: E402
 from training.data.dataset import FaceDataset  # noqa: E402
@@ -42,9 +42,9 @@ def size_and_speed(model: torch.nn.Module, *, repeats: int) -> str:
 
 
 def member_name(path: Path) -> str:
-    """``runs/vgg19_kd/best`` -> ``vgg19_kd``; ``checkpoints/default`` -> ``default``."""
-    return path.parent.name if path.name.removesuffix(".safetensors") in ("best", "last") else \
-        path.name.removesuffix(".safetensors")
+    """``runs/vgg19_kd/best`` -> ``vgg19_kd``; ``checkpoints/default.json`` -> ``default``."""
+    stem = weights_path(path).stem
+    return path.parent.name if stem in ("best", "last", "last_ema") else stem
 
 
 def row(path: Path, data: FaceDataset, *, repeats: int, probs_dir: Path | None = None) -> str:

@@ -117,7 +117,7 @@ def _prepare() -> None:
         resolve_backend,
     )
     from service.config import Settings
-    from service.inference.catalog import classifier_specs, frontalizer_path
+    from service.inference.catalog import classifier_specs, served_frontalizer_checkpoint
 
     settings = Settings()
     path = settings.detector_weights or ensure_detector_weights(settings.cache_dir)
@@ -128,7 +128,7 @@ def _prepare() -> None:
     log.info("detector ONNX ready: %s", cached_detector_onnx(path, cache, net=load_detector_net(path)))
     for spec in classifier_specs(settings):
         log.info("classifier %s ONNX ready: %s", spec.name, cached_classifier_onnx(spec.path, cache))
-    frontalizer = frontalizer_path(settings)
+    frontalizer = served_frontalizer_checkpoint(settings)
     if frontalizer is not None and load_card(frontalizer).get("arch") == REFINER_ARCH:
         log.info("frontaliser refiner ONNX ready: %s", cached_refiner_onnx(frontalizer, cache))
 

@@ -110,7 +110,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--bn-recalibrate", type=int, default=0, metavar="BATCHES",
                    help="before each evaluation, recompute BatchNorm statistics in float32 over "
                         "this many batches of training faces (precise BN; the accuracy with the "
-                        "old running statistics is logged as val_acc_bn_running); 0 = off")
+                        "old running statistics is logged as val_acc_bn_running, of the EMA model "
+                        "with --ema, whose raw model is recalibrated too); 0 = off")
     p.add_argument("--teacher", type=Path, default=None, help="checkpoint to distil from")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temp", type=float, default=4.0)
@@ -288,6 +289,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     end_epoch = args.epochs
     if args.epoch_budget > 0:
         end_epoch = min(end_epoch, start_epoch + args.epoch_budget)
+    recalibrating = args.bn_recalibrate > 0
     for epoch in range(start_epoch, end_epoch):
         order_generator = None
         if world_size > 1:  # one order for all ranks to shard; augmentation draws per rank
@@ -311,13 +313,17 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         selected = model if ema is None else ema.module  # the average is selected and shipped
         result = raw_result = running_bn_result = None
         if is_main():
-            if args.bn_recalibrate > 0:
+            if recalibrating:
                 running_bn_result = evaluate(selected, val.images, val.labels, amp_dtype=amp_dtype)
-                for net in {id(model): model, id(selected): selected}.values():
-                    recalibrate_batchnorm(net, train.images, batches=args.bn_recalibrate,
-                                          batch_size=args.batch_size,
-                                          generator=seeded_generator(args.seed, epoch),
-                                          channels_last=args.channels_last)
+                counts = [recalibrate_batchnorm(net, train.images, batches=args.bn_recalibrate,
+                                                batch_size=args.batch_size,
+                                                generator=seeded_generator(args.seed, epoch),
+                                                channels_last=args.channels_last)
+                          for net in {id(model): model, id(selected): selected}.values()]
+                if not any(counts):
+                    log.warning("--bn-recalibrate: %s has no BatchNorm layer to recalibrate, or the "
+                                "training set not one batch; turned off", args.model)
+                    recalibrating, running_bn_result = False, None
             result = raw_result = evaluate(model, val.images, val.labels, amp_dtype=amp_dtype)
             if ema is not None:
                 result = evaluate(selected, val.images, val.labels, amp_dtype=amp_dtype)

@@ -31,7 +31,8 @@ from facemodels.checkpoint import card_path, load_card, weights_path
 from facemodels.models import list_models
 from service.config import MODEL_NAME, RESERVED_MODEL_NAMES, Settings
 
-__all__ = ["ModelSpec", "classifier_specs", "detector_int8_path", "frontalizer_path", "is_classifier_card"]
+__all__ = ["ModelSpec", "classifier_specs", "detector_int8_path", "frontalizer_path", "is_classifier_card",
+           "served_frontalizer_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,17 @@ def frontalizer_path(settings: Settings) -> Path | None:
         return Path(settings.frontalizer_checkpoint)
     shipped = Path(settings.classifier_checkpoint).parent / "frontalizer.safetensors"
     return shipped if settings.use_shipped_extras and shipped.is_file() else None
+
+
+def served_frontalizer_checkpoint(settings: Settings) -> Path | None:
+    """The frontaliser checkpoint the service loads: :func:`frontalizer_path` under
+    ``FER_FRONTALIZER=auto``, none under ``warp`` or ``off`` (a warning names what is ignored)."""
+    if settings.frontalizer == "auto":
+        return frontalizer_path(settings)
+    if settings.frontalizer_checkpoint is not None:
+        log.warning("FER_FRONTALIZER=%s: FER_FRONTALIZER_CHECKPOINT %s is not loaded",
+                    settings.frontalizer, settings.frontalizer_checkpoint)
+    return None
 
 
 def detector_int8_path(settings: Settings) -> Path | None:

@@ -26,7 +26,7 @@ from facemodels.face.retinaface_convert import ensure_detector_weights
 from facemodels.onnx_export import resolve_backend
 from service.config import Settings
 from service.inference.batcher import BatchObserver, DynamicBatcher
-from service.inference.catalog import classifier_specs, detector_int8_path, frontalizer_path
+from service.inference.catalog import classifier_specs, detector_int8_path, served_frontalizer_checkpoint
 from service.inference.classifier import Classifier, FaceJob
 from service.inference.decode import image_scale, original_size
 from service.inference.frontalizer import (
@@ -183,11 +183,14 @@ class InferenceEngine:
         for spec in classifier_specs(s):  # default first; each checkpoint file loaded once
             self.classifiers[spec.name] = Classifier(spec.path, name=spec.name, role=spec.role,
                                                      device=self.device, int8=s.int8, **runtime)
-        frontalizer = frontalizer_path(s) if s.frontalizer == "auto" else None
+        frontalizer = served_frontalizer_checkpoint(s)
         if frontalizer is not None:
             self.frontalizer = load_frontalizer(frontalizer, device=self.device, **runtime)
         elif s.frontalizer == "warp" or (s.frontalizer == "auto" and s.frontalizer_warp):
             self.frontalizer = WarpFrontalizerModel()
+        if s.frontalizer == "auto" and frontalizer is not None and not s.frontalizer_warp:
+            log.info("FER_FRONTALIZER_WARP=false only stops the warp-only fallback; %s is served "
+                     "(FER_FRONTALIZER=off turns frontalising off)", frontalizer)
 
     async def _warmup(self) -> None:
         blank = np.full((240, 320, 3), 127, dtype=np.uint8)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from facemodels.models import create_model
@@ -34,6 +35,24 @@ def test_running_mean_becomes_the_average_of_batch_means() -> None:
     assert norm.momentum == 0.1, "the layer's momentum is restored"
 
 
+def test_frozen_norms_keep_their_statistics_and_modes_are_restored() -> None:
+    """A layer left in eval mode inside a training model is frozen on purpose; a short last
+    batch is not used, so every pass weighs the same."""
+    torch.manual_seed(0)
+    model = create_model("compact_resnet").train()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    frozen, live = norms[0], norms[-1]
+    frozen.eval()
+    frozen.running_mean.fill_(3.0)
+    before = live.num_batches_tracked.item()
+    images = torch.randint(0, 256, (40, 1, 48, 48), dtype=torch.uint8)
+    count = recalibrate_batchnorm(model, images, batches=5, batch_size=16, channels_last=False)
+    assert count == len(norms) - 1
+    assert torch.all(frozen.running_mean == 3.0)
+    assert live.num_batches_tracked.item() == 2 != before  # 40 faces: two full batches of 16
+    assert model.training and not frozen.training and live.training
+
+
 def test_a_model_without_batchnorm_is_left_alone() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     assert recalibrate_batchnorm(model, torch.zeros(4, 1, 2, 2, dtype=torch.uint8), batches=2) == 0
@@ -49,4 +68,8 @@ def test_trainer_logs_accuracy_before_and_after_recalibration(tmp_path: Path, ma
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     assert all(0 <= r["val_acc_bn_running"] <= 1 for r in rows)
+    # the saved weights carry the recalibrated statistics: 2 passes, not the epoch's ~6 batches
+    tracked = [v for k, v in load_file(str(out / "last.safetensors")).items()
+               if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(v) == 2 for v in tracked)
     assert json.loads((out / "args.json").read_text())["bn_recalibrate"] == 2
