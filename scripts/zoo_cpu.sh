@@ -5,7 +5,8 @@
 #
 #   nohup bash scripts/zoo_cpu.sh vgg19_kd > "$HOME/.cache/fer-service/runs/vgg19_kd.log" 2>&1 &
 #
-# A GPU user runs scripts/train_zoo.sh instead (DEVICE=cuda EPOCHS=250).
+# A GPU user runs scripts/train_zoo.sh instead (DEVICE=cuda EPOCHS=250). DRY_RUN=1 prints the
+# command a run would execute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,8 +38,18 @@ case "$run" in
   screen_compact)    args=(--model compact_resnet --epochs 40 --lr 0.1 --warmup-epochs 2 --seed 11) ;;
   screen_compact_fr) args=(--model compact_resnet_fr --epochs 40 --lr 0.1 --warmup-epochs 2 --seed 11) ;;
   screen_compact_w2) args=(--model compact_resnet_w2 --epochs 40 --lr 0.1 --warmup-epochs 2 --seed 11) ;;
+  # camera augmentation A/B (docs/results.md, "CK+ zero-shot"): the same 20-epoch fine-tune of the
+  # shipped default, taught by the shipped ensemble, without and with camera degradations
+  camera_off) args=(--model compact_resnet --init checkpoints/default --epochs 20 --lr 0.02 --warmup-epochs 1
+                    --aligned-views 0.5 --seed 9 --teacher "$TEACHER" --distill-alpha 0.6 --distill-temp 4) ;;
+  camera_on)  args=(--model compact_resnet --init checkpoints/default --epochs 20 --lr 0.02 --warmup-epochs 1
+                    --aligned-views 0.5 --seed 9 --teacher "$TEACHER" --distill-alpha 0.6 --distill-temp 4
+                    --camera-aug 0.3) ;;
   *) echo "unknown run '$run'; see the case list in $0" >&2; exit 2 ;;
 esac
 
 [ -n "$EPOCHS" ] && args+=(--epochs "$EPOCHS")
+if [ -n "${DRY_RUN:-}" ]; then  # print the command instead of running it
+  printf '%q ' fer-train classify "${args[@]}" "${common[@]}"; echo; exit 0
+fi
 exec fer-train classify "${args[@]}" "${common[@]}"

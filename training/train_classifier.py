@@ -64,7 +64,7 @@ __all__ = ["get_args_parser", "main"]
 
 log = logging.getLogger(__name__)
 
-#: The only split used for model selection, early stopping and ensemble weights.
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a FER2013 classifier", add_help=add_help)
     p.add_argument("--model", default="compact_resnet", help=f"one of {list_models()}")
