@@ -13,7 +13,8 @@ from torch import Tensor
 
 from facemodels.models.cfg import ModelCfg
 
-__all__ = ["center_crop", "crop_boxes_10", "eval_views", "normalize", "ten_crop"]
+__all__ = ["center_crop", "crop_boxes_10", "eval_views", "normalize", "standardize", "ten_crop",
+           "unstandardize"]
 
 
 def normalize(images: Tensor, cfg: ModelCfg) -> Tensor:
@@ -42,9 +43,25 @@ def normalize(images: Tensor, cfg: ModelCfg) -> Tensor:
             x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True,
             align_corners=False,
         )
-    mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std, device=x.device).view(1, -1, 1, 1)
+    return standardize(x, cfg)
+
+
+def _mean_std(cfg: ModelCfg, like: Tensor) -> tuple[Tensor, Tensor]:
+    mean = torch.tensor(cfg.mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    return mean, std
+
+
+def standardize(x: Tensor, cfg: ModelCfg) -> Tensor:
+    """Float pixels in [0, 1] ``(N,C,H,W)`` -> the model's input (``cfg.mean``/``cfg.std``)."""
+    mean, std = _mean_std(cfg, x)
     return (x - mean) / std
+
+
+def unstandardize(x: Tensor, cfg: ModelCfg) -> Tensor:
+    """The inverse of :func:`standardize`: model input -> float pixels in [0, 1]."""
+    mean, std = _mean_std(cfg, x)
+    return x * std + mean
 
 
 def crop_boxes_10(image_size: int, crop: int) -> list[tuple[int, int, bool]]:

@@ -19,11 +19,12 @@ from tqdm import tqdm
 from facemodels.device import autocast
 from facemodels.models.cfg import ModelCfg
 from facemodels.predict import predict_probs
-from facemodels.preprocess import normalize
+from facemodels.preprocess import normalize, standardize
 from training.data.aligned_views import mix_views
 from training.data.transforms import BatchAugment
 from training.distributed import shard, unwrap
 from training.ema import WeightAverage
+from training.teacher_views import TeacherViews
 
 __all__ = ["Distillation", "EvalResult", "evaluate", "soft_cross_entropy", "soft_target_kl",
            "train_one_epoch"]
@@ -36,9 +37,12 @@ class Distillation:
     """Knowledge distillation from a frozen teacher (e.g. the ensemble).
 
     loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T)
+
+    With ``teacher=None`` the teacher's logits come precomputed with each batch (the fixed
+    views of :class:`~training.teacher_views.TeacherViews`).
     """
 
-    teacher: nn.Module
+    teacher: nn.Module | None  # None when every batch brings its teacher logits (TeacherViews)
     alpha: float = 0.5
     temperature: float = 4.0
 
@@ -101,6 +105,7 @@ def train_one_epoch(
     max_batches: int | None = None,
     views: Tensor | None = None,
     view_p: float = 0.0,
+    teacher_views: TeacherViews | None = None,
     ema: WeightAverage | None = None,
     order_generator: torch.Generator | None = None,
     rank: int = 0,
@@ -116,6 +121,9 @@ def train_one_epoch(
         progress: show a per-batch bar when stderr is a terminal.
         views: another view of each image (e.g. the served alignment), the same shape as
             ``images``; each sample is swapped for its view with probability ``view_p``.
+        teacher_views: stored views of ``images`` with the teacher's logits; each sample is
+            one of them, drawn at random, instead of a fresh ``augment`` view, and ``distill``
+            (whose ``teacher`` may then be ``None``) uses the stored logits.
         ema: a weight average updated after every optimizer step.
         order_generator: draws the epoch's order (default ``generator``). Under DDP it must be
             seeded alike on every rank, so that all ranks shard one and the same order.
@@ -145,8 +153,16 @@ def train_one_epoch(
     for idx in bar:
         idx = idx.to(device)
         y = labels[idx]
-        x = images[idx] if views is None else mix_views(images[idx], views[idx], view_p, generator)
-        x, targets = augment(normalize(x, cfg), y, generator=generator)
+        teacher_logits = None
+        if teacher_views is not None:
+            pixels, teacher_logits = teacher_views.draw(idx, generator)
+            x = standardize(pixels.to(device).float().div_(255.0), cfg)
+            teacher_logits = teacher_logits.to(device)
+            targets = F.one_hot(y, cfg.num_classes).to(x.dtype)
+        else:
+            x = images[idx] if views is None else mix_views(images[idx], views[idx], view_p,
+                                                            generator)
+            x, targets = augment(normalize(x, cfg), y, generator=generator)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
@@ -155,7 +171,7 @@ def train_one_epoch(
                 logits, targets, label_smoothing=label_smoothing, class_weights=class_weights
             )
             if distill is not None:
-                loss = _distill_loss(loss, logits, x, distill)
+                loss = _distill_loss(loss, logits, x, distill, teacher_logits)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}")
         optimizer.zero_grad(set_to_none=True)
@@ -202,10 +218,16 @@ def soft_target_kl(logits: Tensor, teacher_logits: Tensor, temperature: float) -
     )
 
 
-def _distill_loss(hard_loss: Tensor, logits: Tensor, x: Tensor, distill: Distillation) -> Tensor:
+def _distill_loss(
+    hard_loss: Tensor, logits: Tensor, x: Tensor, distill: Distillation,
+    teacher_logits: Tensor | None = None,
+) -> Tensor:
     t = distill.temperature
-    with torch.no_grad():
-        teacher_logits = distill.teacher(x)
+    if teacher_logits is None:
+        if distill.teacher is None:
+            raise ValueError("distillation without a teacher needs precomputed teacher logits")
+        with torch.no_grad():
+            teacher_logits = distill.teacher(x)
     kl = soft_target_kl(logits, teacher_logits, t)
     return (1 - distill.alpha) * hard_loss + distill.alpha * t * t * kl
 

@@ -34,6 +34,7 @@ from facemodels.checkpoint import (
 )
 from facemodels.device import AMP_CHOICES, resolve_amp, resolve_device
 from facemodels.models import create_model, list_models
+from training.data._cache import default_cache_dir
 from training.data.aligned_views import cached_aligned_views
 from training.data.camera import CameraAugment
 from training.data.dataset import FaceDataset
@@ -58,6 +59,7 @@ from training.metrics import classification_report
 from training.plots import plot_confusion_matrix, plot_training_curves
 from training.precise_bn import recalibrate_batchnorm
 from training.runtime import resolved_args, seed_everything
+from training.teacher_views import build_teacher_views
 from training.train_state import load_train_state, save_train_state
 
 __all__ = ["get_args_parser", "main"]
@@ -113,6 +115,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "old running statistics is logged as val_acc_bn_running, of the EMA model "
                         "with --ema, whose raw model is recalibrated too); 0 = off")
     p.add_argument("--teacher", type=Path, default=None, help="checkpoint to distil from")
+    p.add_argument("--teacher-views", type=int, default=0, metavar="K",
+                   help="with --teacher: compute the teacher's logits once on K fixed augmented "
+                        "views of every training face (cached beside the dataset) and train on "
+                        "those views, so a costly teacher runs K passes in all instead of one "
+                        "per epoch; 0 = distil live on fresh views")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temp", type=float, default=4.0)
     p.add_argument("--amp", choices=AMP_CHOICES, default="auto")
@@ -201,6 +208,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    if args.teacher_views > 0 and args.teacher is None:
+        raise ValueError("--teacher-views needs --teacher")
+    if args.teacher_views > 0 and (args.mixup > 0 or args.cutmix > 0):
+        raise ValueError("--teacher-views stores fixed views and cannot mix them: drop "
+                         "--mixup and --cutmix")
     out = args.output_dir or Path("runs") / args.model
     out.mkdir(parents=True, exist_ok=True)
     rank, world_size = get_rank(), get_world_size()
@@ -252,6 +264,17 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             raise ValueError(f"teacher {args.teacher} has ModelCfg {teacher.cfg}, student {cfg}")
         distill = Distillation(teacher.requires_grad_(False), args.distill_alpha, args.distill_temp)
         log.info("distilling from %s (%s)", args.teacher, tcard["arch"])
+    teacher_views = None
+    if args.teacher_views > 0:
+        with main_first():  # rank 0 computes missing views, the others then read them
+            teacher_views = build_teacher_views(
+                distill.teacher, train.images, augment, num_views=args.teacher_views,
+                cache_dir=args.cache_dir or default_cache_dir(), aligned=train_views,
+                aligned_p=args.aligned_views, seed=args.seed, amp_dtype=amp_dtype,
+            ).to(device)
+        distill = Distillation(None, args.distill_alpha, args.distill_temp)  # frees the teacher
+        train_views = None  # the aligned swaps are inside the stored views
+        log.info("training on %d stored teacher views of each face", teacher_views.num_views)
 
     # The average lives on rank 0, the rank that evaluates and saves it.
     ema = WeightAverage(model, args.ema) if args.ema > 0 and is_main() else None
@@ -302,6 +325,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, scaler=scaler,
             distill=distill, channels_last=args.channels_last, epoch=epoch,
             progress=args.progress and is_main(), views=train_views, view_p=args.aligned_views,
+            teacher_views=teacher_views,
             ema=ema, order_generator=order_generator, rank=rank, world_size=world_size,
         )
         if world_size > 1:  # loss and accuracy averaged over the shards, throughput summed

@@ -237,3 +237,38 @@ def test_camera_augmentation_trains_and_is_recorded(trained: dict[str, Path], tm
     assert card["train_args"]["camera_aug"] == 0.5
     model, _ = load_checkpoint(out / "best")
     assert model.cfg.num_classes == 7
+
+
+def test_stored_teacher_views_train_and_resume_exactly(trained: dict[str, Path]) -> None:
+    """--teacher-views: the teacher runs once per stored view, and resume stays exact."""
+    base, data, cache = trained["base"], trained["data"], trained["cache"]
+    straight, split = base / "tv_straight", base / "tv_split"
+    common = ["--epochs", "2", "--amp", "none", "--teacher", str(trained["out"] / "best"),
+              "--teacher-views", "2", "--distill-alpha", "0.7"]
+    assert _train(data, straight, cache, *common) == 0
+    (folder,) = cache.glob("teacher-views-*")
+    assert sorted(p.name for p in folder.iterdir()) == ["view-0.safetensors", "view-1.safetensors"]
+    stamps = [p.stat().st_mtime_ns for p in sorted(folder.iterdir())]
+    assert _train(data, split, cache, *common, "--epoch-budget", "1") == 0
+    assert _train(data, split, cache, *common, "--resume") == 0
+    assert [p.stat().st_mtime_ns for p in sorted(folder.iterdir())] == stamps  # reused, not rebuilt
+    a, b = load_file(str(straight / "last.safetensors")), load_file(str(split / "last.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    card = json.loads((straight / "best.json").read_text())
+    assert card["train_args"]["teacher_views"] == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ((), "--teacher-views needs --teacher"),
+    (("--teacher", "unused", "--mixup", "0.2"), "cannot mix them"),
+])
+def test_stored_teacher_views_refuse_what_they_cannot_do(
+    trained: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    extra: tuple[str, ...], message: str,
+) -> None:
+    out = tmp_path / "refused"
+    assert _train(trained["data"], out, trained["cache"], "--epochs", "1", "--teacher-views", "2",
+                  *extra) != 0
+    assert message in caplog.text
+    assert not (out / "last.safetensors").exists()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facemodels.models.cfg import ModelCfg
+from facemodels.preprocess import standardize, unstandardize
 from training.data.camera import CameraAugment
 
 __all__ = ["BatchAugment"]
@@ -58,20 +59,25 @@ class BatchAugment:
         self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Augment ``x`` (normalised floats) and turn integer labels ``y`` into soft targets."""
-        g = generator
-        if self.camera is not None:
-            x = self.degrade(x, generator=g)
-        x = self.geometric(x, generator=g)
-        x = self.erase(x, generator=g)
+        x = self.views(x, generator=generator)
         targets = F.one_hot(y, self.cfg.num_classes).to(x.dtype)
-        return self.mix(x, targets, generator=g)
+        return self.mix(x, targets, generator=generator)
+
+    def views(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """One random view of each image: camera degradations, the affine warp, erasing.
+
+        Everything but mixing, which combines samples and their labels.
+        """
+        if self.camera is not None:
+            x = self.degrade(x, generator=generator)
+        x = self.geometric(x, generator=generator)
+        return self.erase(x, generator=generator)
 
     def degrade(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Apply :attr:`camera` in pixel space: undo the normalisation, degrade, redo it."""
         assert self.camera is not None
-        mean = torch.tensor(self.cfg.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.cfg.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return (self.camera(x * std + mean, generator=generator) - mean) / std
+        pixels = unstandardize(x, self.cfg)
+        return standardize(self.camera(pixels, generator=generator), self.cfg)
 
     def geometric(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         n, dev = x.shape[0], x.device
