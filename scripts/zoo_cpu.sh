@@ -45,6 +45,11 @@ case "$run" in
   camera_on)  args=(--model compact_resnet --init checkpoints/default --epochs 20 --lr 0.02 --warmup-epochs 1
                     --aligned-views 0.5 --seed 9 --teacher "$TEACHER" --distill-alpha 0.6 --distill-temp 4
                     --camera-aug 0.3) ;;
+  # stored teacher views against live distillation: camera_off's fine-tune with the ensemble's
+  # logits computed once on 8 fixed views of each face (--teacher-views 8)
+  camera_off_views) args=(--model compact_resnet --init checkpoints/default --epochs 20 --lr 0.02
+                          --warmup-epochs 1 --aligned-views 0.5 --seed 9 --teacher "$TEACHER"
+                          --distill-alpha 0.6 --distill-temp 4 --teacher-views 8) ;;
   *) echo "unknown run '$run'; see the case list in $0" >&2; exit 2 ;;
 esac
 

@@ -58,8 +58,12 @@ def test_epochs_override_wins_and_unknown_runs_fail() -> None:
     assert args.epochs == 7
     on = get_args_parser().parse_args(_command("camera_on")[2:])
     off = get_args_parser().parse_args(_command("camera_off")[2:])
+    stored = get_args_parser().parse_args(_command("camera_off_views")[2:])
     assert on.camera_aug == 0.3 and off.camera_aug == 0.0
     assert vars(on) | {"camera_aug": 0.0, "output_dir": off.output_dir} == vars(off)
+    # the stored-views A/B differs from camera_off in nothing else
+    assert stored.teacher_views == 8 and off.teacher_views == 0
+    assert vars(stored) | {"teacher_views": 0, "output_dir": off.output_dir} == vars(off)
     bad = subprocess.run(["bash", str(SCRIPT), "no_such_run"], capture_output=True, text=True,
                          env={**os.environ, "DRY_RUN": "1"}, timeout=30)
     assert bad.returncode == 2 and "unknown run" in bad.stderr
