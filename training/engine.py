@@ -137,6 +137,9 @@ def train_one_epoch(
     device = images.device
     cfg: ModelCfg = unwrap(model).cfg
     n = images.shape[0]
+    if teacher_views is not None and (views is not None or teacher_views.images.shape[1] != n):
+        raise ValueError("teacher_views replace augment and views: pass views=None, and views "
+                         f"of all {n} images (got {teacher_views.images.shape[1]})")
     order_gen = order_generator if order_generator is not None else generator
     if sample_weights is not None:
         order = torch.multinomial(sample_weights, n, replacement=True, generator=order_gen)
@@ -156,8 +159,7 @@ def train_one_epoch(
         teacher_logits = None
         if teacher_views is not None:
             pixels, teacher_logits = teacher_views.draw(idx, generator)
-            x = standardize(pixels.to(device).float().div_(255.0), cfg)
-            teacher_logits = teacher_logits.to(device)
+            x = standardize(pixels.float().div_(255.0), cfg)
             targets = F.one_hot(y, cfg.num_classes).to(x.dtype)
         else:
             x = images[idx] if views is None else mix_views(images[idx], views[idx], view_p,

@@ -38,7 +38,7 @@ from facemodels.models.cfg import ModelCfg
 from facemodels.preprocess import normalize, standardize, unstandardize
 from training.data.aligned_views import mix_views
 from training.data.transforms import BatchAugment
-from training.distributed import seeded_generator
+from training.distributed import barrier, seeded_generator
 
 __all__ = ["TeacherViews", "TeacherViewsError", "build_teacher_views", "teacher_views_dir",
            "to_pixels"]
@@ -46,7 +46,10 @@ __all__ = ["TeacherViews", "TeacherViewsError", "build_teacher_views", "teacher_
 log = logging.getLogger(__name__)
 
 #: Bump when the way views are drawn changes, so older caches are not reused.
-VIEWS_VERSION = 1
+VIEWS_VERSION = 2
+#: Mixed into each view's seed so that view v's stream is not epoch v's (``seeded_generator``
+#: also draws the epoch orders and the BatchNorm recalibration batches).
+_VIEW_SALT = 0x7456
 
 
 class TeacherViewsError(ValueError):
@@ -55,17 +58,19 @@ class TeacherViewsError(ValueError):
 
 @dataclass(frozen=True)
 class TeacherViews:
-    """``images`` uint8 ``(K, N, C, S, S)`` and the teacher's ``logits`` float32 ``(K, N, classes)``."""
+    """``images`` uint8 ``(K, N, C, S, S)``, the teacher's ``logits`` float32 ``(K, N, classes)``
+    and the cache ``folder`` they were read from."""
 
     images: Tensor
     logits: Tensor
+    folder: Path
 
     @property
     def num_views(self) -> int:
         return self.images.shape[0]
 
     def to(self, device: torch.device | str) -> TeacherViews:
-        return TeacherViews(self.images.to(device), self.logits.to(device))
+        return TeacherViews(self.images.to(device), self.logits.to(device), self.folder)
 
     def draw(self, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One stored view per sample of ``idx`` (uniform over the K views) and its logits."""
@@ -80,10 +85,19 @@ def to_pixels(x: Tensor, cfg: ModelCfg) -> Tensor:
 
 def teacher_views_dir(
     cache_dir: Path, teacher: nn.Module, images: Tensor, augment: BatchAugment,
-    *, aligned: Tensor | None, aligned_p: float, seed: int,
+    *, aligned: Tensor | None, aligned_p: float, seed: int, batch_size: int,
+    amp_dtype: torch.dtype | None,
 ) -> Path:
-    """``<cache_dir>/teacher-views-<key>``: the key hashes everything a view depends on."""
-    h = hashlib.sha256(f"teacher-views v{VIEWS_VERSION}\n{augment!r}\n{aligned_p}\n{seed}\n".encode())
+    """``<cache_dir>/teacher-views-<key>``: the key hashes everything a view depends on.
+
+    That is the teacher (class and weights), the images, the aligned views and their swap
+    probability, the augmentation, the seed, the batching (random draws go batch by batch),
+    the autocast dtype and the device type (CPU and CUDA resample pixels slightly differently).
+    """
+    device = next(teacher.parameters()).device
+    settings = (f"teacher-views v{VIEWS_VERSION}\n{type(teacher).__name__}\n{augment!r}\n"
+                f"{aligned_p}\n{seed}\n{batch_size}\n{amp_dtype}\n{device.type}\n")
+    h = hashlib.sha256(settings.encode())
     for name, t in sorted(teacher.state_dict().items()):
         h.update(name.encode())
         h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
@@ -114,27 +128,32 @@ def _draw_view(
     return torch.cat(pixels), torch.cat(logits)
 
 
-def _load_view(path: Path, n: int, num_classes: int) -> tuple[Tensor, Tensor]:
+def _load_view(path: Path, image_shape: tuple[int, ...], num_classes: int) -> tuple[Tensor, Tensor]:
     try:
         tensors = load_file(str(path))
         images, logits = tensors["images"], tensors["logits"]
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise TeacherViewsError(f"teacher-views file {path} is corrupt or unreadable ({e}); "
                                 "delete it to rebuild that view") from e
-    if (images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] != n
+    n = image_shape[0]
+    if (images.dtype != torch.uint8 or tuple(images.shape) != image_shape
             or tuple(logits.shape) != (n, num_classes)):
         raise TeacherViewsError(f"teacher-views file {path} holds images {tuple(images.shape)} "
-                                f"and logits {tuple(logits.shape)}, expected {n} faces and "
-                                f"{num_classes} classes; delete it to rebuild that view")
+                                f"and logits {tuple(logits.shape)}, expected {image_shape} and "
+                                f"{(n, num_classes)}; delete it to rebuild that view")
     return images, logits.float()
 
 
 def build_teacher_views(
     teacher: nn.Module, images: Tensor, augment: BatchAugment, *, num_views: int, cache_dir: Path,
     aligned: Tensor | None = None, aligned_p: float = 0.0, seed: int = 0, batch_size: int = 256,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
 ) -> TeacherViews:
     """Load ``num_views`` stored views of ``images`` (uint8 ``(N,H,W)``), computing missing ones.
+
+    Under ``torchrun`` every rank calls this: rank r computes the missing views r, r + W, ...,
+    all ranks wait for each other (the collective timeout, one hour, bounds a rank's share), then
+    each loads all of them.
 
     Raises:
         ValueError: if ``augment`` mixes samples (mixup or cutmix), which fixed views cannot hold.
@@ -146,25 +165,32 @@ def build_teacher_views(
         raise ValueError(f"num_views must be at least 1, got {num_views}")
     teacher = teacher.eval()
     folder = teacher_views_dir(cache_dir, teacher, images, augment, aligned=aligned,
-                               aligned_p=aligned_p, seed=seed)
-    n, classes = len(images), augment.cfg.num_classes
-    all_images, all_logits = [], []
-    for v in range(num_views):
+                               aligned_p=aligned_p, seed=seed, batch_size=batch_size,
+                               amp_dtype=amp_dtype)
+    n, classes, cfg = len(images), augment.cfg.num_classes, augment.cfg
+    for v in range(rank, num_views, world_size):
         path = folder / f"view-{v}.safetensors"
         if path.is_file():
-            view_images, view_logits = _load_view(path, n, classes)
-        else:
-            start = time.perf_counter()
-            view_images, view_logits = _draw_view(
-                teacher, images, augment, aligned=aligned, aligned_p=aligned_p,
-                generator=seeded_generator(seed, v), batch_size=batch_size, amp_dtype=amp_dtype)
-            folder.mkdir(parents=True, exist_ok=True)
-            meta = {"view": str(v), "seed": str(seed), "augment": repr(augment),
-                    "aligned_p": str(aligned_p), "version": str(VIEWS_VERSION)}
-            save_safetensors_atomically(path, {"images": view_images, "logits": view_logits},
-                                        metadata=meta)
-            log.info("teacher view %d/%d of %d faces computed in %.0f s: %s", v + 1, num_views, n,
-                     time.perf_counter() - start, path)
-        all_images.append(view_images)
-        all_logits.append(view_logits)
-    return TeacherViews(torch.stack(all_images), torch.stack(all_logits))
+            continue
+        start = time.perf_counter()
+        view_images, view_logits = _draw_view(
+            teacher, images, augment, aligned=aligned, aligned_p=aligned_p,
+            generator=seeded_generator(seed, v, _VIEW_SALT), batch_size=batch_size,
+            amp_dtype=amp_dtype)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"view": str(v), "seed": str(seed), "augment": repr(augment),
+                "aligned_p": str(aligned_p), "amp": str(amp_dtype),
+                "device": str(next(teacher.parameters()).device), "version": str(VIEWS_VERSION)}
+        save_safetensors_atomically(path, {"images": view_images, "logits": view_logits},
+                                    metadata=meta)
+        log.info("teacher view %d of %d (%d faces) computed in %.0f s: %s", v + 1, num_views, n,
+                 time.perf_counter() - start, path)
+    if world_size > 1:
+        barrier()
+    stored = TeacherViews(
+        torch.empty((num_views, n, cfg.in_chans, cfg.input_size, cfg.input_size), dtype=torch.uint8),
+        torch.empty((num_views, n, classes)), folder)
+    for v in range(num_views):
+        stored.images[v], stored.logits[v] = _load_view(
+            folder / f"view-{v}.safetensors", tuple(stored.images.shape[1:]), classes)
+    return stored

@@ -208,6 +208,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    if args.teacher_views < 0:
+        raise ValueError(f"--teacher-views must be 0 (off) or more, got {args.teacher_views}")
     if args.teacher_views > 0 and args.teacher is None:
         raise ValueError("--teacher-views needs --teacher")
     if args.teacher_views > 0 and (args.mixup > 0 or args.cutmix > 0):
@@ -266,15 +268,18 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         log.info("distilling from %s (%s)", args.teacher, tcard["arch"])
     teacher_views = None
     if args.teacher_views > 0:
-        with main_first():  # rank 0 computes missing views, the others then read them
-            teacher_views = build_teacher_views(
-                distill.teacher, train.images, augment, num_views=args.teacher_views,
-                cache_dir=args.cache_dir or default_cache_dir(), aligned=train_views,
-                aligned_p=args.aligned_views, seed=args.seed, amp_dtype=amp_dtype,
-            ).to(device)
-        distill = Distillation(None, args.distill_alpha, args.distill_temp)  # frees the teacher
+        teacher_views = build_teacher_views(
+            distill.teacher, train.images, augment, num_views=args.teacher_views,
+            cache_dir=args.cache_dir or default_cache_dir(), aligned=train_views,
+            aligned_p=args.aligned_views, seed=args.seed, amp_dtype=amp_dtype, rank=rank,
+            world_size=world_size,
+        ).to(device)
+        # From here the stored logits stand in for the teacher, which is released.
+        distill = Distillation(None, args.distill_alpha, args.distill_temp)
+        del teacher
         train_views = None  # the aligned swaps are inside the stored views
-        log.info("training on %d stored teacher views of each face", teacher_views.num_views)
+        log.info("training on %d stored teacher views of each face (%s)", teacher_views.num_views,
+                 teacher_views.folder)
 
     # The average lives on rank 0, the rank that evaluates and saves it.
     ema = WeightAverage(model, args.ema) if args.ema > 0 and is_main() else None
@@ -376,6 +381,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             extra = {"device": str(device), "epochs_trained": epoch + 1, "wall_time_s": round(wall, 1)}
             if ema is not None:
                 extra["ema_decay"] = args.ema
+            if teacher_views is not None:  # names the stored targets the run was trained on
+                extra["teacher_views_cache"] = teacher_views.folder.name
             if world_size > 1:
                 extra["world_size"] = world_size
             metrics = {SELECTION_SPLIT: {"acc": result.accuracy, "loss": result.loss, "epoch": epoch}}

@@ -124,9 +124,14 @@ def test_two_cpu_ranks_train_in_sync_and_save_like_one_process(
               "--threads", "1", "--seed", "3"]
     first = _torchrun(*common, "--epoch-budget", "1", cwd=REPO, cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
-    # The resumed half also distils from the first half's best, to take --teacher through DDP.
-    second = _torchrun(*common, "--resume", "--teacher", str(out / "best"), cwd=REPO, cache=cache)
+    # The resumed half also distils from the first half's best, to take --teacher through DDP,
+    # on 3 stored views that the two ranks compute between them (views 0 and 2, and 1).
+    second = _torchrun(*common, "--resume", "--teacher", str(out / "best"), "--teacher-views", "3",
+                       cwd=REPO, cache=cache)
     assert second.returncode == 0, second.stderr[-3000:]
+    (views,) = cache.glob("teacher-views-*")
+    assert sorted(p.name for p in views.iterdir()) == [f"view-{v}.safetensors" for v in range(3)]
+    assert "training on 3 stored teacher views" in second.stderr
 
     for done, epoch in ((first, 0), (second, 1)):
         log = done.stderr

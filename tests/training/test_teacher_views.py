@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from facemodels.models import create_model
+from facemodels.models.cfg import ModelCfg
 from facemodels.preprocess import standardize
 from tests.support import synthetic_face
 from training.data.transforms import BatchAugment
+from training.engine import Distillation, train_one_epoch
 from training.teacher_views import (
+    TeacherViews,
     TeacherViewsError,
     build_teacher_views,
     teacher_views_dir,
@@ -42,6 +45,18 @@ def _build(teacher: torch.nn.Module, faces: torch.Tensor, cache: Path, k: int = 
     augment = kw.pop("augment", None) or _augment(teacher)
     return build_teacher_views(teacher, faces, augment, num_views=k, cache_dir=cache,
                                batch_size=10, **kw)  # type: ignore[arg-type]
+
+
+class LinearStudent(torch.nn.Module):
+    """A BatchNorm- and dropout-free classifier, so train mode computes what eval mode does."""
+
+    def __init__(self, cfg: ModelCfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.fc = torch.nn.Linear(cfg.in_chans * cfg.input_size ** 2, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
 
 
 def test_stored_logits_are_the_teachers_on_the_stored_pixels(teacher, faces, tmp_path) -> None:
@@ -78,7 +93,7 @@ def test_cache_key_follows_teacher_data_augmentation_and_seed(teacher, faces, tm
 
     def key(**kw: object) -> Path:
         args = {"teacher": teacher, "images": faces, "augment": augment, "aligned": None,
-                "aligned_p": 0.0, "seed": 0, **kw}
+                "aligned_p": 0.0, "seed": 0, "batch_size": 256, "amp_dtype": None, **kw}
         return teacher_views_dir(tmp_path, **args)  # type: ignore[arg-type]
 
     other_teacher = create_model("compact_resnet").eval()
@@ -86,9 +101,12 @@ def test_cache_key_follows_teacher_data_augmentation_and_seed(teacher, faces, tm
     brighter[0, 0, 0] ^= 1
     base = key()
     assert key() == base
+    assert key(aligned=faces, aligned_p=0.5) != key(aligned=faces, aligned_p=0.6)
+    assert key(aligned=faces, aligned_p=0.5) != key(aligned=brighter, aligned_p=0.5)
     for changed in (key(teacher=other_teacher), key(images=brighter), key(seed=1),
-                    key(augment=dataclasses.replace(augment, flip=0.0)),
-                    key(aligned=faces, aligned_p=0.5)):
+                    key(augment=dataclasses.replace(augment, flip=0.0)), key(batch_size=64),
+                    key(amp_dtype=torch.bfloat16), key(aligned=faces),
+                    key(teacher=LinearStudent(teacher.cfg))):
         assert changed != base
 
 
@@ -127,3 +145,24 @@ def test_a_corrupt_view_file_is_named(teacher, faces, tmp_path) -> None:
 def test_mixing_augmentations_are_refused(teacher, faces, tmp_path) -> None:
     with pytest.raises(ValueError, match="mixup or cutmix"):
         _build(teacher, faces, tmp_path, augment=_augment(teacher, mixup_alpha=0.2))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_training_pairs_each_stored_view_with_its_own_logits(faces, tmp_path, paired) -> None:
+    """Pure distillation (alpha 1) of a student onto its own logits is zero loss only if the
+    engine feeds each stored view together with the logits taken on it."""
+    torch.manual_seed(0)
+    student = LinearStudent(ModelCfg())
+    views = _build(student, faces, tmp_path, k=3, augment=_augment(student))
+    logits = views.logits if paired else views.logits.roll(1, dims=1)  # neighbour's targets
+    stats = train_one_epoch(
+        student, torch.optim.SGD(student.parameters(), lr=0.1), faces,
+        torch.arange(N) % 7, augment=_augment(student), batch_size=8, amp_dtype=None,
+        generator=torch.Generator().manual_seed(1), channels_last=False, progress=False,
+        distill=Distillation(None, alpha=1.0, temperature=1.0),
+        teacher_views=TeacherViews(views.images, logits, views.folder),
+    )
+    if paired:
+        assert stats["train_loss"] < 1e-6
+    else:
+        assert stats["train_loss"] > 1e-3
