@@ -50,6 +50,11 @@ case "$run" in
   camera_off_views) args=(--model compact_resnet --init checkpoints/default --epochs 20 --lr 0.02
                           --warmup-epochs 1 --aligned-views 0.5 --seed 9 --teacher "$TEACHER"
                           --distill-alpha 0.6 --distill-temp 4 --teacher-views 8) ;;
+  # the optimiser A/B for session-sized runs: from scratch, SGD sat at the majority class for
+  # the first 2-3 epochs of every zoo run; 6 epochs of the compact net each way, no teacher
+  opt_sgd6)   args=(--model compact_resnet --epochs 6 --lr 0.1 --warmup-epochs 1 --seed 5) ;;
+  opt_adamw6) args=(--model compact_resnet --epochs 6 --opt adamw --lr 0.002 --weight-decay 0.05
+                    --warmup-epochs 1 --seed 5) ;;
   *) echo "unknown run '$run'; see the case list in $0" >&2; exit 2 ;;
 esac
 
