@@ -33,7 +33,9 @@ case "$run" in
   cnn7_kd)     args=(--model cnn7 --epochs 40 --lr 0.05 --warmup-epochs 1 "${kd[@]}") ;;
   vgg19_kd)    args=(--model vgg19 --epochs 60 --lr 0.1 --warmup-epochs 2 --aligned-views 0.5 "${kd[@]}") ;;
   resnet18_kd) args=(--model resnet18 --epochs 40 --lr 0.1 --warmup-epochs 2 --aligned-views 0.5 "${kd[@]}") ;;
-  resnet34_kd) args=(--model resnet34 --epochs 25 --lr 0.1 --warmup-epochs 2 --aligned-views 0.5 "${kd[@]}") ;;
+  # AdamW: at 6 epochs it beat SGD by 4 points on the compact net (opt_sgd6 / opt_adamw6 below)
+  resnet34_kd) args=(--model resnet34 --epochs 25 --opt adamw --lr 0.002 --weight-decay 0.05
+                     --warmup-epochs 1 --aligned-views 0.5 "${kd[@]}") ;;
   # the stronger-student screen: 40 epochs each from scratch, no teacher, same recipe
   screen_compact)    args=(--model compact_resnet --epochs 40 --lr 0.1 --warmup-epochs 2 --seed 11) ;;
   screen_compact_fr) args=(--model compact_resnet_fr --epochs 40 --lr 0.1 --warmup-epochs 2 --seed 11) ;;
