@@ -52,6 +52,15 @@ case "$run" in
   camera_off_views) args=(--model compact_resnet --init checkpoints/default --epochs 20 --lr 0.02
                           --warmup-epochs 1 --aligned-views 0.5 --seed 9 --teacher "$TEACHER"
                           --distill-alpha 0.6 --distill-temp 4 --teacher-views 8) ;;
+  # diverse-ensemble members: the screen's from-scratch compact nets (their own lineage, not the
+  # default's) fine-tuned the way the default was: aligned views, taught by the shipped ensemble.
+  # They start from the screen's run folders, so those must still be there.
+  member_compact_kd) args=(--model compact_resnet --init "$RUNS/screen_compact/best" --epochs 30 --lr 0.02
+                           --warmup-epochs 1 --aligned-views 0.5 --seed 13 --teacher "$TEACHER"
+                           --distill-alpha 0.6 --distill-temp 4) ;;
+  member_fr_kd) args=(--model compact_resnet_fr --init "$RUNS/screen_compact_fr/best" --epochs 30 --lr 0.02
+                      --warmup-epochs 1 --aligned-views 0.5 --seed 13 --teacher "$TEACHER"
+                      --distill-alpha 0.6 --distill-temp 4) ;;
   # the optimiser A/B for session-sized runs: from scratch, SGD sat at the majority class for
   # the first 2-3 epochs of every zoo run; 6 epochs of the compact net each way, no teacher
   opt_sgd6)   args=(--model compact_resnet --epochs 6 --lr 0.1 --warmup-epochs 1 --seed 5) ;;
