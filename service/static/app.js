@@ -670,7 +670,9 @@
           if (link.closed) throw link.closed;
           const answered = new Promise((resolve, reject) => { link.waiting = { resolve, reject }; });
           const sent = performance.now();
-          socket.send(blob);
+          // A socket the server is closing (a refused key, say) is no longer OPEN before its close
+          // event arrives; sending then only logs an error. The close event rejects `answered`.
+          if (socket.readyState === WebSocket.OPEN) socket.send(blob);
           const answer = JSON.parse(await answered);
           if (!live()) break;
           if (answer.error) {
