@@ -61,6 +61,14 @@ case "$run" in
   member_fr_kd) args=(--model compact_resnet_fr --init "$RUNS/screen_compact_fr/best" --epochs 30 --lr 0.02
                       --warmup-epochs 1 --aligned-views 0.5 --seed 13 --teacher "$TEACHER"
                       --distill-alpha 0.6 --distill-temp 4) ;;
+  # the new default: the shipped default fine-tuned 20 epochs with camera augmentation (kept by the
+  # camera A/B), taught by the diverse ensemble through 8 stored views of each face, lr halved
+  # since lr 0.02 knocked the converged default off its optimum. DIVERSE names that ensemble
+  # (built by `fer-train ensemble ... --weights average`; docs/results.md says which members).
+  default_diverse) args=(--model compact_resnet --init checkpoints/default --epochs 20 --lr 0.01
+                         --warmup-epochs 1 --aligned-views 0.5 --seed 17 --camera-aug 0.3
+                         --teacher "${DIVERSE:-$RUNS/diverse/ensemble}" --distill-alpha 0.6
+                         --distill-temp 4 --teacher-views 8) ;;
   # the optimiser A/B for session-sized runs: from scratch, SGD sat at the majority class for
   # the first 2-3 epochs of every zoo run; 6 epochs of the compact net each way, no teacher
   opt_sgd6)   args=(--model compact_resnet --epochs 6 --lr 0.1 --warmup-epochs 1 --seed 5) ;;
