@@ -20,6 +20,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
     from training.gan import train as gan_train
     from training.quantize import get_quantize_parser, quantize_main
     from training.quantize_detector import get_quantize_detector_parser, quantize_detector_main
+    from training.soup import get_soup_parser, soup_main
     from training.train_classifier import get_args_parser
     from training.train_classifier import main as classify_main
 
@@ -27,6 +28,7 @@ def _commands() -> dict[str, tuple[Callable[[bool], argparse.ArgumentParser], Ca
         "classify": (get_args_parser, classify_main),
         "eval": (get_eval_parser, eval_main),
         "ensemble": (get_ensemble_parser, ensemble_main),
+        "soup": (get_soup_parser, soup_main),
         "cv": (get_cv_parser, cv_main),
         "export": (get_export_parser, export_main),
         "quantize": (get_quantize_parser, quantize_main),

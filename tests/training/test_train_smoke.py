@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from facemodels.checkpoint import load_checkpoint
+from facemodels.checkpoint import load_checkpoint, save_checkpoint
 from facemodels.models import create_model
 from training.cli import main as cli_main
 from training.data.fer2013 import load_fer2013
@@ -162,6 +162,56 @@ def test_ensemble_command_fits_on_publictest_and_loads(trained: dict[str, Path])
     assert rc == 0
     report = json.loads((out / "eval_PublicTest.json").read_text())
     assert 0 <= report["acc_1crop"] <= 1 and report["images"] == 70
+
+
+def test_uniform_soup_is_the_mean_of_its_ingredients(trained: dict[str, Path]) -> None:
+    out = trained["base"] / "soup_uniform"
+    ingredients = [trained["out"] / "best", trained["out"] / "last"]
+    rc = cli_main(["soup", *map(str, ingredients), "--recipe", "uniform", "--output", str(out),
+                   "--data", str(trained["data"]), "--cache-dir", str(trained["cache"])])
+    assert rc == 0
+    soup, card = load_checkpoint(out)
+    states = [load_checkpoint(p)[0].state_dict() for p in ingredients]
+    for key, value in soup.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (states[0][key] + states[1][key]) / 2)
+        else:
+            assert torch.equal(value, states[0][key])
+    assert sorted(card["soup_of"]) == sorted(str(p) for p in ingredients)
+    val = load_fer2013(trained["data"], cache_dir=trained["cache"]).split("PublicTest")
+    assert card["metrics"]["PublicTest"]["acc_tta"] == pytest.approx(
+        evaluate(soup, val.images, val.labels, tta=True).accuracy)
+
+
+def test_greedy_soup_never_scores_below_its_best_ingredient(trained: dict[str, Path]) -> None:
+    out = trained["base"] / "soup_greedy"
+    ingredients = [trained["out"] / "last", trained["out"] / "best", trained["base"] / "noisy"]
+    model, _ = load_checkpoint(trained["out"] / "best")
+    with torch.no_grad():  # an ingredient far outside the basin: the greedy recipe must skip it
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 5)
+    save_checkpoint(trained["base"] / "noisy", model, arch=ARCH)
+    rc = cli_main(["soup", *map(str, ingredients), "--output", str(out),
+                   "--data", str(trained["data"]), "--cache-dir", str(trained["cache"])])
+    assert rc == 0
+    metrics = json.loads((out.with_suffix(".json")).read_text())["metrics"]["PublicTest"]
+    own = metrics["ingredient_acc"]
+    assert metrics["acc_tta"] >= max(m["acc_tta"] for m in own.values())
+    kept = json.loads((out.with_suffix(".json")).read_text())["soup_of"]
+    assert kept[0] == max(own, key=lambda p: own[p]["acc_tta"])
+    assert str(trained["base"] / "noisy") not in kept
+
+
+def test_soup_refuses_ingredients_of_another_architecture(trained: dict[str, Path],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    other = trained["base"] / "cnn3_untrained"
+    save_checkpoint(other, create_model("cnn3"), arch="cnn3")
+    rc = cli_main(["soup", str(trained["out"] / "best"), str(other), "--output",
+                   str(trained["base"] / "bad_soup"), "--data", str(trained["data"]),
+                   "--cache-dir", str(trained["cache"])])
+    assert rc == 2
+    assert str(other) in caplog.text and "arch differs" in caplog.text
+    assert not (trained["base"] / "bad_soup.safetensors").exists()
 
 
 def test_ckplus_cross_validation_runs_per_subject(tmp_path: Path) -> None:
