@@ -113,10 +113,11 @@ def soup_main(args: argparse.Namespace) -> dict[str, Any]:
         return {"acc": evaluate(model, val.images, val.labels).accuracy,
                 "acc_tta": evaluate(model, val.images, val.labels, tta=True).accuracy}
 
-    own = [score(s) for s in states]
-    for path, m in zip(args.ingredients, own, strict=True):
+    own = []
+    for path, state in zip(args.ingredients, states, strict=True):
+        own.append(score(state))
         log.info("ingredient %s: %s %.2f %% / %.2f %% (1-crop / 10-crop)", path, SELECTION_SPLIT,
-                 100 * m["acc"], 100 * m["acc_tta"])
+                 100 * own[-1]["acc"], 100 * own[-1]["acc_tta"])
     key = args.select
     order = sorted(range(len(states)), key=lambda i: own[i][key], reverse=True)
     if args.recipe == "uniform":
