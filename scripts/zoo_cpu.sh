@@ -69,6 +69,12 @@ case "$run" in
                          --warmup-epochs 1 --aligned-views 0.5 --seed 17 --camera-aug 0.3
                          --teacher "${DIVERSE:-$RUNS/diverse/ensemble}" --distill-alpha 0.6
                          --distill-temp 4 --teacher-views 8) ;;
+  # a second cosine cycle of default_diverse from its best (same teacher, seed and stored views),
+  # an ingredient for `fer-train soup` with the shipped default and default_diverse
+  default_diverse2) args=(--model compact_resnet --init "$RUNS/default_diverse/best" --epochs 20 --lr 0.01
+                          --warmup-epochs 1 --aligned-views 0.5 --seed 17 --camera-aug 0.3
+                          --teacher "${DIVERSE:-$RUNS/diverse/ensemble}" --distill-alpha 0.6
+                          --distill-temp 4 --teacher-views 8) ;;
   # the optimiser A/B for session-sized runs: from scratch, SGD sat at the majority class for
   # the first 2-3 epochs of every zoo run; 6 epochs of the compact net each way, no teacher
   opt_sgd6)   args=(--model compact_resnet --epochs 6 --lr 0.1 --warmup-epochs 1 --seed 5) ;;
