@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from facemodels.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_path
+from facemodels.checkpoint import CheckpointError, load_card, load_checkpoint, save_checkpoint, weights_path
 from facemodels.device import resolve_device
+from facemodels.onnx_export import sha256_file
 from training.data.fer2013 import DEFAULT_DATA, SELECTION_SPLIT, load_fer2013, selection_split
 from training.engine import evaluate
 
-__all__ = ["average_state_dicts", "get_soup_parser", "soup_main"]
+__all__ = ["average_state_dicts", "get_soup_parser", "ingredient_record", "soup_main"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,17 @@ def average_state_dicts(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor
         else:
             out[key] = value.clone()
     return out
+
+
+def ingredient_record(path: Path) -> dict[str, Any]:
+    """What the soup's card keeps of an ingredient: its training arguments, metrics and hash.
+
+    An ingredient's path may later hold other weights (``checkpoints/default`` after the soup
+    replaces it), so the card keeps the lineage itself, not just the path.
+    """
+    card = load_card(path)
+    return {"path": str(path), "weights_sha256": sha256_file(weights_path(path)),
+            **{k: card.get(k) for k in ("train_args", "metrics", "saved_at", "code_version")}}
 
 
 def _float_copy(model: nn.Module) -> dict[str, Tensor]:
@@ -146,5 +158,6 @@ def soup_main(args: argparse.Namespace) -> dict[str, Any]:
                     train_args={"soup": kept_paths, "recipe": args.recipe, "select": key,
                                 "data": str(args.data)},
                     metrics=metrics, data_fingerprint=card.get("data_fingerprint"), half=args.half,
-                    extra={"soup_of": kept_paths})
+                    extra={"soup_of": kept_paths,
+                           "ingredients": [ingredient_record(args.ingredients[i]) for i in kept]})
     return {"output": str(args.output), "kept": kept_paths, **result}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -178,6 +179,10 @@ def test_uniform_soup_is_the_mean_of_its_ingredients(trained: dict[str, Path]) -
         else:
             assert torch.equal(value, states[0][key])
     assert sorted(card["soup_of"]) == sorted(str(p) for p in ingredients)
+    lineage = {r["path"]: r for r in card["ingredients"]}
+    assert lineage[str(ingredients[1])]["train_args"]["model"] == ARCH
+    assert lineage[str(ingredients[1])]["weights_sha256"] == hashlib.sha256(
+        (trained["out"] / "last.safetensors").read_bytes()).hexdigest()
     val = load_fer2013(trained["data"], cache_dir=trained["cache"]).split("PublicTest")
     assert card["metrics"]["PublicTest"]["acc_tta"] == pytest.approx(
         evaluate(soup, val.images, val.labels, tta=True).accuracy)
