@@ -118,10 +118,10 @@ def soup_main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     val = selection_split(load_fer2013(args.data, cache_dir=args.cache_dir))
     model, card, states = _load_ingredients(args.ingredients, device)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}  # the model's own (fp32 on CPU)
 
     def score(state: dict[str, Tensor]) -> dict[str, float]:
-        model.load_state_dict({k: v.to(original[k].dtype) for k, v in state.items()})
+        model.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()})
         return {"acc": evaluate(model, val.images, val.labels).accuracy,
                 "acc_tta": evaluate(model, val.images, val.labels, tta=True).accuracy}
 
@@ -145,7 +145,7 @@ def soup_main(args: argparse.Namespace) -> dict[str, Any]:
             if accepted:
                 kept, result = [*kept, i], trial
     kept_paths = [str(args.ingredients[i]) for i in kept]
-    model.load_state_dict({k: v.to(original[k].dtype)
+    model.load_state_dict({k: v.to(dtypes[k])
                            for k, v in average_state_dicts([states[i] for i in kept]).items()})
     log.info("soup of %d (%s): %s %.2f %% / %.2f %% (1-crop / 10-crop)", len(kept), args.recipe,
              SELECTION_SPLIT, 100 * result["acc"], 100 * result["acc_tta"])
