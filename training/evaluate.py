@@ -135,7 +135,9 @@ def ensemble_main(args: argparse.Namespace) -> dict[str, Any]:
         "acc_weighted": (fitted.argmax(1) == val.labels).float().mean().item(),
         "member_acc": dict(zip([str(p) for p in args.members], member_acc, strict=True)),
         "weights": weights, "tta": args.tta,
-        "note": f"weights fitted on {SELECTION_SPLIT}; report another split for unbiased accuracy",
+        "note": (f"weights fitted on {SELECTION_SPLIT}" if weights else
+                 f"plain average; members chosen on {SELECTION_SPLIT}")
+        + "; report another split for unbiased accuracy",
     }}
     save_checkpoint(args.output, model, arch="ensemble", model_kwargs=model.model_kwargs,
                     metrics=metrics, half=args.half,
