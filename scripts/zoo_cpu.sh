@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 
 RUNS=${FER_CACHE_DIR:-$HOME/.cache/fer-service}/runs
 DATA=${DATA:-../shared/data/fer2013}
-TEACHER=${TEACHER:-checkpoints/ensemble}
+# every KD row in docs/results.md was distilled from the ensemble shipped from 2026-11-25 to
+# 2026-12-03, kept (not served) under results/weights/
+TEACHER=${TEACHER:-results/weights/ensemble_2026-11-25}
 THREADS=${THREADS:-1}
 # EPOCHS overrides a run's length, for a machine that keeps no state between working days: a
 # run must then finish inside one sitting (the "session-sized" rows in docs/results.md). Resume

@@ -254,4 +254,4 @@ def test_command_and_teacher_guard() -> None:
     assert args.steps == 5 and args.name == "r1" and args.w_adv == pytest.approx(0.05)
     with pytest.raises(ValueError, match="checkpoints/default"):
         _check_teacher(Path("checkpoints/default"))
-    _check_teacher(Path("checkpoints/ensemble"))
+    _check_teacher(Path("results/weights/ensemble_2026-11-25"))

@@ -122,7 +122,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="phase 0: identity embedder steps (cosine-decayed learning rate)")
     p.add_argument("--embedder-batch", type=int, default=64)
     p.add_argument("--embedder-lr", type=float, default=1e-3)
-    p.add_argument("--expression-classifier", type=Path, default=Path("checkpoints/ensemble"),
+    p.add_argument("--expression-classifier", type=Path, default=Path("results/weights/ensemble_2026-11-25"),
                    help="frozen teacher for the KL and perceptual terms (not checkpoints/default, "
                         "the evaluation classifier)")
     p.add_argument("--expression-member", type=int, default=2, help="ensemble member (-1: the whole model)")
