@@ -100,7 +100,8 @@ def eval_main(args: argparse.Namespace) -> dict[str, Any]:
 
 def get_ensemble_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=f"Build a soft-voting ensemble; weights are fitted on {SELECTION_SPLIT}",
+        description=("Build a soft-voting ensemble; members are scored (and weights fitted) on "
+                     f"{SELECTION_SPLIT}"),
         add_help=add_help)
     p.add_argument("members", nargs="+", type=Path, help="member checkpoints")
     p.add_argument("--output", type=Path, required=True, help="checkpoint stem to write")
@@ -135,7 +136,7 @@ def ensemble_main(args: argparse.Namespace) -> dict[str, Any]:
         "acc_weighted": (fitted.argmax(1) == val.labels).float().mean().item(),
         "member_acc": dict(zip([str(p) for p in args.members], member_acc, strict=True)),
         "weights": weights, "tta": args.tta,
-        "note": (f"weights fitted on {SELECTION_SPLIT}" if weights else
+        "note": (f"weights fitted on {SELECTION_SPLIT}" if weights is not None else
                  f"plain average; members chosen on {SELECTION_SPLIT}")
         + "; report another split for unbiased accuracy",
     }}
