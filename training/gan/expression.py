@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from facemodels.checkpoint import load_checkpoint
+from facemodels.checkpoint import load_checkpoint, weights_path
 from facemodels.device import autocast
 from facemodels.frontalizer.model import FRONTAL, fer_crop_to_input
 from facemodels.preprocess import eval_views
@@ -34,7 +34,7 @@ from training.gan.losses import l1_loss
 from training.gan.recipe import GanNets
 from training.gan.sampling import to_unit
 
-__all__ = ["ExpressionPath", "load_expression_classifier"]
+__all__ = ["ExpressionPath", "load_expression_classifier", "refuse_grader_as_teacher"]
 
 
 def load_expression_classifier(path: str | Path, *, member: int | None = None,
@@ -51,6 +51,31 @@ def load_expression_classifier(path: str | Path, *, member: int | None = None,
                              "is out of range")
         model = members[member]
     return model.eval().requires_grad_(False)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Equal state dicts up to float16 storage rounding."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape
+        and torch.allclose(sa[k].float(), sb[k].float(), rtol=1e-3, atol=1e-5) for k in sa)
+
+
+def refuse_grader_as_teacher(teacher: nn.Module, grader_path: str | Path) -> None:
+    """Raise if the teacher, or one member of an ensemble teacher, has the grader's weights.
+
+    The evaluation reports with ``grader_path`` (the served default); a teacher that contains
+    it would let the frontaliser be graded by the classifier it was trained to please. A path
+    check cannot see this when the default is also a member of the shipped ensemble.
+    """
+    if not weights_path(Path(grader_path)).is_file():
+        return
+    grader, _ = load_checkpoint(grader_path)
+    for i, candidate in enumerate([teacher, *getattr(teacher, "members", [])]):
+        if _same_weights(candidate, grader):
+            where = "the expression classifier" if i == 0 else f"its member {i - 1}"
+            raise ValueError(f"{where} has the weights of {grader_path}, which grades the result; "
+                             "pick another classifier or --expression-member")
 
 
 @dataclass

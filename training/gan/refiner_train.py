@@ -584,13 +584,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from training.data._cache import default_cache_dir
     from training.data.cfp import load_cfp
     from training.data.fer2013 import load_fer2013
-    from training.gan.expression import load_expression_classifier
+    from training.gan.expression import load_expression_classifier, refuse_grader_as_teacher
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.device != "cpu":
         raise ValueError("the refiner trains on the CPU (the warp's pose fit and the renderer are numpy/CPU)")
     _check_teacher(args.expression_classifier)
+    member = None if args.expression_member < 0 else args.expression_member
+    teacher = load_expression_classifier(args.expression_classifier, member=member)
+    refuse_grader_as_teacher(teacher, "checkpoints/default")
     run_dir = args.run_dir or cache_root() / "runs" / args.name
     cache = args.cache_dir or default_cache_dir()
     detector = None
@@ -611,6 +614,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     fer_lm = cached_fer_landmarks(fer.images.numpy(), wanted.numpy(), get_detector, cache, fer.fingerprint)
     data = build_refiner_data(cfp, cfp_lm, fer.images, fer_lm, val_ids=range(args.val_first_id, 451),
                               fer_val=args.fer_val, near_frontal_yaw=args.near_frontal_yaw, seed=0)
-    member = None if args.expression_member < 0 else args.expression_member
-    teacher = load_expression_classifier(args.expression_classifier, member=member)
     return train(args, data, teacher, run_dir)

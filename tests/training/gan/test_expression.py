@@ -15,7 +15,7 @@ from facemodels.checkpoint import save_checkpoint
 from facemodels.models import ModelCfg, create_model
 from tests.support import synthetic_face
 from training.cli import main as cli_main
-from training.gan.expression import ExpressionPath, load_expression_classifier
+from training.gan.expression import ExpressionPath, load_expression_classifier, refuse_grader_as_teacher
 from training.gan.recipe import GanNets
 
 SMALL = {"arch": "compact_resnet_s", "model_kwargs": {}, "cfg": ModelCfg().to_dict()}
@@ -81,6 +81,19 @@ def test_classifier_member_is_picked_from_an_ensemble(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "one", single, arch="compact_resnet_s")
     with pytest.raises(ValueError, match="not an ensemble"):
         load_expression_classifier(tmp_path / "one", member=0)
+
+
+def test_a_teacher_holding_the_graders_weights_is_refused(tmp_path: Path) -> None:
+    """The grader stored in float16 is still found inside an ensemble teacher; other members pass."""
+    ens = create_model("ensemble", members=[SMALL, SMALL])
+    save_checkpoint(tmp_path / "ens", ens, arch="ensemble", model_kwargs=ens.model_kwargs)
+    save_checkpoint(tmp_path / "grader", ens.members[1], arch="compact_resnet_s", half=True)
+    with pytest.raises(ValueError, match="member 1 has the weights of"):
+        refuse_grader_as_teacher(load_expression_classifier(tmp_path / "ens"), tmp_path / "grader")
+    with pytest.raises(ValueError, match="the expression classifier has the weights of"):
+        refuse_grader_as_teacher(load_expression_classifier(tmp_path / "ens", member=1), tmp_path / "grader")
+    refuse_grader_as_teacher(load_expression_classifier(tmp_path / "ens", member=0), tmp_path / "grader")
+    refuse_grader_as_teacher(load_expression_classifier(tmp_path / "ens"), tmp_path / "absent")
 
 
 @pytest.mark.e2e
